@@ -1,0 +1,575 @@
+"""Maximum Likelihood Reinforcement Learning (MaxRL), a minimal reference implementation.
+
+MaxRL (Tajwar et al. 2026, arXiv 2602.02710). For a prompt x with binary reward, let
+p = p_theta(x) be the probability that one sampled completion is correct. RL maximises p;
+maximum likelihood would maximise log p = -sum_{k>=1} (1-p)^k / k, a series of pass@k terms
+of which RL keeps only the first. MaxRL keeps the first T terms, and its gradient is a
+re-weighted policy gradient:
+
+    J_T(x) = -sum_{k=1..T} (1-p)^k / k        grad J_T = w_T(p) grad p,   w_T(p) = (1-(1-p)^T) / p
+
+T = 1 is RL (w = 1), T -> infinity is maximum likelihood (w = 1/p, hard prompts weigh more).
+
+The algorithm is identical to RLOO / GRPO training (sample N completions per prompt, score
+them 0/1, weight each completion's log-probability by an advantage) except:
+  1. the advantage is A_j = (r_j - mean) / mean = N r_j / K - 1  (K = successes in the group),
+     i.e. the policy-gradient sum is normalised by the number of successes K, not by N;
+     GRPO divides by the standard deviation instead, RLOO by nothing;
+  2. groups with no success (K = 0) contribute nothing (Algorithm 1). This estimator is
+     exactly unbiased for J_T with T = N - 1. Keeping the control variate -1 in all-fail
+     groups (`maxrl_order_n`) gives order T = N (Theorem 2);
+  3. nothing else: no KL, no clipping, no entropy bonus, fully on-policy.
+
+Run (CPU is fine; see README.md for wall times):
+    python maxrl.py --task=nav --N=16                               rloo, grpo, maxrl side by side
+    python maxrl.py --task=arith --methods=ml,maxrl,grpo,rloo --N=16  ml = exact cross-entropy
+    pytest                                                           the estimators' proofs
+
+Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation  5. training
+6. reporting  7. command line.
+"""
+
+import argparse
+import functools
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from toy_tasks import make_task
+
+# ----------------------------------------------------------------------------------------
+# 1. Estimators. Each maps binary rewards (..., N) of a group of N completions of one prompt
+#    to advantages (..., N). The gradient estimate for the prompt is (1/N) sum_j A_j S_j with
+#    S_j = grad log pi(z_j | x), the sum of the completion's token log-prob gradients.
+
+ESTIMATORS = {}
+
+
+def estimator(advantage_fn):
+    """Register an advantage function; it refuses non-binary rewards (MaxRL divides by the mean)."""
+
+    @functools.wraps(advantage_fn)
+    def checked(rewards):
+        if not ((rewards == 0) | (rewards == 1)).all():
+            raise ValueError("rewards must be binary (0 or 1): MaxRL divides by the group mean")
+        return advantage_fn(rewards)
+
+    ESTIMATORS[advantage_fn.__name__] = checked
+    return checked
+
+
+@estimator
+def reinforce(rewards):  # A_j = r_j                                 unbiased for grad pass@1
+    return rewards.clone()
+
+
+@estimator
+def rloo(rewards):  # A_j = r_j - (K - r_j) / (N - 1)               unbiased for grad pass@1
+    N = rewards.shape[-1]
+    if N < 2:
+        raise ValueError("rloo needs N >= 2 (the leave-one-out baseline averages N - 1 others)")
+    n_success = rewards.sum(-1, keepdim=True)  # (..., 1)
+    return rewards - (n_success - rewards) / (N - 1)
+
+
+@estimator
+def grpo(rewards, eps=1e-6):  # A_j = (r_j - mean) / (std + eps)      no closed-form objective
+    mean = rewards.mean(-1, keepdim=True)  # (..., 1)
+    std = (mean * (1 - mean)).sqrt()  # population std of 0/1 rewards; exactly 0 when K in {0, N}
+    return (rewards - mean) / (std + eps)
+
+
+@estimator
+def maxrl(rewards):  # Algorithm 1: A_j = (r_j - mean) / mean = N r_j / K - 1; K = 0 gives 0
+    mean = rewards.mean(-1, keepdim=True)  # (..., 1)
+    return (rewards - mean) / torch.where(mean > 0, mean, 1.0)  # unbiased for J_T, T = N - 1
+
+
+@estimator
+def maxrl_order_n(rewards):  # Theorem 2: as maxrl, but A_j = -1 in all-fail groups (K = 0)
+    all_fail = rewards.sum(-1, keepdim=True) == 0  # (..., 1)
+    return maxrl(rewards) - all_fail.to(rewards.dtype)  # unbiased for J_T, T = N
+
+
+def policy_gradient_loss(seq_logprob, advantages):
+    """-(1/N) sum_j A_j log pi(z_j|x), averaged over prompts. (B, N), (B, N) -> scalar.
+
+    Sequence-level: seq_logprob sums the completion's token log-probs. A token-mean would
+    weight long completions differently and is a different estimator. The value of this loss
+    means nothing; watch the reward."""
+    N = seq_logprob.shape[-1]
+    return -(advantages.detach() * seq_logprob).sum(-1).div(N).mean()
+
+
+def weight(name, p, N):
+    """Exact finite-N weight w_N(p) of ESTIMATORS[name]: E[(1/N) sum_j A_j S_j] = w_N(p) grad p.
+
+    With a(r, K) the advantage of a completion with reward r in a group with K successes,
+    conditioning on the other N - 1 rewards (k successes among them, k ~ Binom(N - 1, p)) and
+    using E[S 1{r=1}] = grad p, E[S 1{r=0}] = -grad p:
+        w_N(p) = sum_{k=0}^{N-1} Binom(k; N-1, p) [a(1, k+1) - a(0, k)].
+    Computed from the advantage function alone, so every registered estimator gets one."""
+    advantage = ESTIMATORS[name]
+    k = torch.arange(N, dtype=torch.float64)  # successes among the other N - 1 completions
+    position = torch.arange(N, dtype=torch.float64)
+    group_with_success = (position <= k[:, None]).double()  # (N, N) row k: k+1 successes, first is one
+    group_with_failure = (position < k[:, None]).double()  # (N, N) row k: k successes, last is zero
+    gain = advantage(group_with_success)[:, 0] - advantage(group_with_failure)[:, -1]  # (N,)
+    p_t = torch.as_tensor(np.asarray(p, dtype=np.float64))[..., None]  # (..., 1)
+    log_binom = (math.lgamma(N) - torch.lgamma(k + 1) - torch.lgamma(N - k)
+                 + torch.special.xlogy(k, p_t) + torch.special.xlogy(N - 1 - k, 1 - p_t))
+    w = (log_binom.exp() * gain).sum(-1)  # (...)
+    return float(w) if np.ndim(p) == 0 else w.numpy()
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (vectorised over c).
+
+    Product form, stable for large n: C(n-c, k) / C(n, k) = prod_{i<k} (n-c-i) / (n-i)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n (got k={k}, n={n})")
+    i = np.arange(k)
+    c = np.asarray(c, dtype=np.float64)
+    all_fail_ratio = np.clip((n - c[..., None] - i) / (n - i), 0.0, None).prod(-1)
+    return 1.0 - all_fail_ratio
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Model: a small decoder-only transformer (as the paper's maze model: RoPE, RMSNorm, SiLU,
+#    tied embeddings), whose forward takes an optional key/value cache of earlier tokens.
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    block_size: int  # longest prompt + completion
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 96
+
+
+def rotary_tables(block_size, head_dim, base=10000.0):
+    inv_freq = base ** -(torch.arange(0, head_dim, 2).float() / head_dim)  # (D/2,)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, past=None):  # x (B, T, C); past (k, v) each (B, H, P, D)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
+        if past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # is_causal would align the mask top-left; queries here sit after P cached keys
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+T, D)
+            P = k.shape[2] - T
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.n_embd), nn.RMSNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False), nn.SiLU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False))
+
+    def forward(self, x, cos, sin, past=None):
+        attn_out, kv = self.attn(self.norm1(x), cos, sin, past)
+        x = x + attn_out
+        return x + self.mlp(self.norm2(x)), kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd)
+        cos, sin = rotary_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, idx, cache=None):
+        """idx (B, T) tokens that follow the cache's P tokens -> logits (B, T, V), new cache."""
+        past_len = 0 if cache is None else cache[0][0].shape[2]
+        cos = self.cos[past_len:past_len + idx.shape[1]]  # (T, D/2)
+        sin = self.sin[past_len:past_len + idx.shape[1]]
+        x = self.embed(idx)  # (B, T, C)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, None if cache is None else cache[i])
+            new_cache.append(kv)
+        logits = self.norm(x) @ self.embed.weight.T  # tied embeddings: (B, T, V)
+        return logits, new_cache
+
+
+def expand_cache(cache, n):
+    """Repeat each prompt's keys/values for its n completions: (B, H, P, D) -> (B*n, H, P, D)."""
+    return [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache]
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens
+#    at positions >= length are padding (after the stop token, or never sampled).
+
+@torch.no_grad()
+def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache=True):
+    """Sample n completions per prompt at temperature 1. prompts (B, Tp) -> (B, n, Tc), (B, n).
+
+    With use_cache, each prompt is run once and its keys/values are shared by its n
+    completions; then one token per step. Without, the whole sequence is recomputed each step
+    (slow; kept to test the cache). Both draw the same random numbers."""
+    B = prompts.shape[0]
+    sequences = prompts.repeat_interleave(n, 0)  # (B*n, Tp)
+    if use_cache:
+        logits, cache = model(prompts)
+        logits, cache = logits[:, -1].repeat_interleave(n, 0), expand_cache(cache, n)  # (B*n, V)
+    finished = torch.zeros(B * n, dtype=torch.bool, device=prompts.device)
+    lengths = torch.full((B * n,), max_len, device=prompts.device)
+    tokens = []
+    for t in range(max_len):
+        if not use_cache:
+            logits = model(sequences)[0][:, -1]  # (B*n, V)
+        next_token = torch.multinomial(logits.float().softmax(-1), 1, generator=generator)  # (B*n, 1)
+        tokens.append(next_token)
+        stops_now = (next_token[:, 0] == stop_id) & ~finished
+        lengths[stops_now] = t + 1
+        finished |= stops_now
+        if finished.all():
+            break
+        if use_cache:
+            logits, cache = model(next_token, cache)
+            logits = logits[:, -1]
+        else:
+            sequences = torch.cat([sequences, next_token], dim=1)
+    completions = torch.cat(tokens, dim=1)  # (B*n, Tc)
+    completions[torch.arange(completions.shape[1], device=prompts.device) >= lengths[:, None]] = 0
+    return completions.view(B, n, -1), lengths.view(B, n)
+
+
+def completion_logprobs(model, prompts, completions, lengths):
+    """Sum of each completion's token log-probs (with grad). (B, Tp), (B, N, Tc), (B, N) -> (B, N).
+
+    Shared prefix: each prompt runs once and its N completions attend to its cached keys and
+    values, which keep their graph, so gradients are exactly those of the full sequences."""
+    B, N, Tc = completions.shape
+    prompt_logits, prompt_cache = model(prompts)  # (B, Tp, V)
+    flat = completions.reshape(B * N, Tc)  # (B*N, Tc)
+    logits = prompt_logits[:, -1:].repeat_interleave(N, 0)  # (B*N, 1, V) predicts token 0
+    if Tc > 1:
+        rest, _ = model(flat[:, :-1], expand_cache(prompt_cache, N))  # (B*N, Tc-1, V)
+        logits = torch.cat([logits, rest], dim=1)  # (B*N, Tc, V)
+    token_logprob = logits.float().log_softmax(-1).gather(-1, flat[..., None])[..., 0]  # (B*N, Tc)
+    mask = torch.arange(Tc, device=flat.device) < lengths.reshape(B * N, 1)  # (B*N, Tc)
+    return (token_logprob * mask).sum(-1).view(B, N)
+
+
+def prompt_tensor(task, problems, device):
+    return torch.tensor([task.encode_prompt(p) for p in problems], device=device)  # (B, Tp)
+
+
+def reference_tensor(task, problems, device):
+    """Each problem's reference completion as a group of one: (B, 1, Tc), lengths (B, 1)."""
+    refs = [task.reference_completion(p) for p in problems]
+    Tc = max(map(len, refs))
+    padded = [r + [task.pad_id] * (Tc - len(r)) for r in refs]
+    lengths = torch.tensor([[len(r)] for r in refs], device=device)
+    return torch.tensor(padded, device=device)[:, None], lengths
+
+
+def score(task, problems, completions, lengths):
+    """Verifier rewards, (B, N) float 0/1."""
+    rows = [[task.reward(p, c[:n]) for c, n in zip(cs, ns)]
+            for p, cs, ns in zip(problems, completions.tolist(), lengths.tolist())]
+    return torch.tensor(rows, dtype=torch.float32, device=completions.device)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Evaluation on the held-out split: pass@k for k = 1, 2, 4, ... and coverage.
+
+def eval_ks(N):
+    """k = 1, 2, 4, ... up to the first power of two >= N."""
+    return [2**i for i in range(max(N - 1, 1).bit_length() + 1)]
+
+
+@torch.no_grad()
+def evaluate(model, task, ks, seed, batch=32, n_failures=3):
+    """Held-out metrics. pass@k is exact, 1 - (1-p)^k with p by teacher forcing, when the task's
+    answers are unique (arith); otherwise the unbiased estimator from n = max(ks) samples.
+    coverage is the fraction of prompts with at least one success among the n samples."""
+    n, device = max(ks), model.embed.weight.device
+    generator = torch.Generator(device).manual_seed(seed)
+    successes, exact_p, failures = [], [], []
+    for start in range(0, len(task.test_problems), batch):
+        problems = task.test_problems[start:start + batch]
+        prompts = prompt_tensor(task, problems, device)
+        completions, lengths = sample_completions(model, prompts, n, task.max_completion_len,
+                                                  task.stop_id, generator)
+        rewards = score(task, problems, completions, lengths)  # (B, n)
+        successes.append(rewards.sum(-1).cpu())
+        if task.unique_answers:
+            refs, ref_lengths = reference_tensor(task, problems, prompts.device)
+            exact_p.append(completion_logprobs(model, prompts, refs, ref_lengths)[:, 0].exp().cpu())
+        failures += [task.render(p, c[0][:l[0]]) for p, c, l, r in
+                     zip(problems, completions.tolist(), lengths.tolist(), rewards) if r[0] == 0]
+    c = torch.cat(successes).numpy()
+    p = torch.cat(exact_p).double().numpy() if task.unique_answers else c / n
+    metrics = {f"pass@{k}": float(np.mean(1 - (1 - p) ** k if task.unique_answers
+                                          else pass_at_k(n, c, k))) for k in ks}
+    metrics["coverage"] = float(np.mean(c > 0))
+    return metrics, p, failures[:n_failures]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Training: one shared supervised warm start, then each method from the same weights,
+#    seed and prompt stream, with the same number of sampled rollouts per step.
+
+def supervised_loss(model, task, problems, device):
+    """-mean log pi(reference | x): the warm start's loss, and exact maximum likelihood
+    (method `ml`) where the reference is the unique correct answer."""
+    prompts = prompt_tensor(task, problems, device)
+    refs, lengths = reference_tensor(task, problems, device)
+    return -completion_logprobs(model, prompts, refs, lengths).mean()
+
+
+def warm_start(model, task, args, device):
+    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    rng = random.Random(f"sft-{args.seed}")
+    for _ in tqdm(range(args.sft_steps), desc="warm start", disable=args.sft_steps == 0):
+        loss = supervised_loss(model, task, task.sample_train(args.sft_batch, rng), device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def rl_loss(model, task, problems, method, N, generator, device):
+    """Sample N completions per prompt, score them, and build the method's loss."""
+    prompts = prompt_tensor(task, problems, device)  # (B, Tp)
+    completions, lengths = sample_completions(model, prompts, N, task.max_completion_len,
+                                              task.stop_id, generator)  # (B, N, Tc), (B, N)
+    rewards = score(task, problems, completions, lengths)  # (B, N)
+    advantages = ESTIMATORS[method](rewards)  # (B, N)
+    loss = policy_gradient_loss(completion_logprobs(model, prompts, completions, lengths), advantages)
+    no_signal = (advantages == 0).all(-1).float().mean()  # groups whose gradient is zero
+    return loss, {"reward": rewards.mean().item(), "no_signal": no_signal.item()}
+
+
+def train_method(method, model, init_state, task, args, device, initial_metrics):
+    """Train one method from init_state; returns its curve, final metrics and wall time."""
+    started = time.time()
+    model.load_state_dict(init_state)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    prompt_rng = random.Random(f"prompts-{args.seed}")  # the same prompt stream for every method
+    generator = torch.Generator(device).manual_seed(args.seed)
+    ks, window, failures = eval_ks(args.N), [], []
+    curve = [{"step": 0, "rollouts": 0, **initial_metrics}]
+    progress = tqdm(range(1, args.steps + 1), desc=f"{method:>13}")
+    for step in progress:
+        problems = task.sample_train(args.batch, prompt_rng)
+        if method == "ml":
+            loss, stats = supervised_loss(model, task, problems, device), {}
+        else:
+            loss, stats = rl_loss(model, task, problems, method, args.N, generator, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+        optimizer.step()
+        window.append(stats)
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics, _, failures = evaluate(model, task, ks, seed=args.seed + 1)
+            train_stats = {key: float(np.mean([s[key] for s in window])) for key in window[0]}
+            curve.append({"step": step, "rollouts": step * args.batch * args.N, **metrics,
+                          **{f"train_{key}": value for key, value in train_stats.items()}})
+            window = []
+        progress.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=curve[-1]["pass@1"])
+    return {"final": curve[-1], "curve": curve, "wall_s": time.time() - started,
+            "failures": failures}
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Reporting: table, results.json, plots.
+
+def print_table(initial, results, ks):
+    columns = [f"pass@{k}" for k in ks] + ["coverage"]
+    print(f"\n{'method':>13} " + " ".join(f"{c:>9}" for c in columns) + f" {'wall s':>8}")
+    rows = [("start", initial, float("nan"))] + [(m, r["final"], r["wall_s"]) for m, r in results.items()]
+    for name, metrics, wall in rows:
+        print(f"{name:>13} " + " ".join(f"{metrics[c]:>9.3f}" for c in columns) + f" {wall:>8.0f}")
+
+
+def save_plots(results, ks, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
+        for method, r in results.items():
+            ax.plot([c["rollouts"] for c in r["curve"]], [c[metric] for c in r["curve"]],
+                    marker=".", label=method)
+        ax.set(xlabel="rollouts consumed (steps x prompts x N)", ylabel=f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, r in results.items():
+        ax.plot(ks, [r["final"][f"pass@{k}"] for k in ks], marker="o", label=method)
+    first = next(iter(results.values()))["curve"][0]
+    ax.plot(ks, [first[f"pass@{k}"] for k in ks], "k--", marker=".", label="start")
+    ax.set(xscale="log", xlabel="k", ylabel="held-out pass@k")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pass_at_k.png", dpi=120)
+    plt.close("all")
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Command line.
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump or traceback
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser():
+    parser = ArgumentParser(description="Train REINFORCE/RLOO, GRPO and MaxRL side by side.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("task")
+    group.add_argument("--task", default="nav", choices=["nav", "arith"], help="which toy task")
+    group.add_argument("--size", type=int, default=7, help="nav: maze side, odd, 5..31 (paper: 17)")
+    group.add_argument("--loops", type=float, default=0.0,
+                       help="nav: fraction of inner walls knocked out, for several shortest paths")
+    group.add_argument("--digits", type=int, default=2, help="arith: longest operand, in digits")
+    group.add_argument("--ops", default="+", help="arith: operations to draw from, e.g. '+-*'")
+    group = parser.add_argument_group("training")
+    group.add_argument("--methods", default="rloo,grpo,maxrl",
+                       help=f"comma-separated, from {', '.join(ESTIMATORS)} and ml (arith only)")
+    group.add_argument("--N", type=int, default=16, help="rollouts per prompt (group size)")
+    group.add_argument("--steps", type=int, default=60, help="RL steps per method")
+    group.add_argument("--batch", type=int, default=16, help="prompts per RL step")
+    group.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (AdamW)")
+    group.add_argument("--sft-steps", type=int, default=300,
+                       help="supervised warm-start steps, shared by all methods (0 = none)")
+    group.add_argument("--sft-batch", type=int, default=32, help="warm-start batch size")
+    group.add_argument("--sft-lr", type=float, default=1e-3, help="warm-start learning rate")
+    group.add_argument("--seed", type=int, default=0, help="seeds weights, prompts and sampling")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto = cuda when available")
+    group = parser.add_argument_group("model")
+    group.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    group.add_argument("--n-head", type=int, default=4, help="attention heads")
+    group.add_argument("--n-embd", type=int, default=96, help="width (divisible by 2 x heads)")
+    group = parser.add_argument_group("evaluation and output")
+    group.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
+    group.add_argument("--eval-every", type=int, default=10, help="evaluate every this many steps")
+    group.add_argument("--out", default=None, help="output folder (default runs/<task>-N<N>)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and validate every flag before anything is built or written."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    problems = [
+        (args.N < 1, f"--N must be >= 1 (got {args.N})"),
+        (not args.methods, "--methods is empty"),
+        (args.steps < 0 or args.sft_steps < 0, "--steps and --sft-steps must be >= 0"),
+        (args.lr <= 0 or args.sft_lr <= 0, "learning rates must be > 0"),
+        (min(args.batch, args.sft_batch, args.eval_prompts, args.eval_every) < 1,
+         "--batch, --sft-batch, --eval-prompts and --eval-every must be >= 1"),
+        (min(args.n_layer, args.n_head, args.n_embd) < 1 or args.n_embd % (2 * args.n_head),
+         "--n-embd must be a positive multiple of 2 x --n-head"),
+        (args.device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no GPU is visible"),
+    ]
+    for method in args.methods:
+        problems += [
+            (method not in ESTIMATORS and method != "ml",
+             f"unknown method {method!r} (choose from {', '.join(ESTIMATORS)}, ml)"),
+            (method == "ml" and args.task != "arith",
+             "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
+            (method == "rloo" and args.N < 2, "rloo needs --N >= 2 (leave-one-out baseline)"),
+        ]
+    for failed, message in problems:
+        if failed:
+            parser.error(message)
+    try:
+        args.task_obj = make_task(args.task, n_test=args.eval_prompts, size=args.size,
+                                  loops=args.loops, digits=args.digits, ops=args.ops)
+    except ValueError as err:
+        parser.error(str(err))
+    args.out = Path(args.out or f"runs/{args.task}-N{args.N}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    task = args.task_obj
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    model_cfg = ModelConfig(len(task.vocab), task.prompt_len + task.max_completion_len,
+                            args.n_layer, args.n_head, args.n_embd)
+    model = Transformer(model_cfg).to(device)
+    print(f"{args.task}: prompt {task.prompt_len} tokens, completion <= {task.max_completion_len}; "
+          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+    warm_start(model, task, args, device)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ks = eval_ks(args.N)
+    initial, per_prompt_p, _ = evaluate(model, task, ks, seed=args.seed + 1)
+    quartiles = np.percentile(per_prompt_p, [25, 50, 75])
+    print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}, quartiles "
+          + " / ".join(f"{q:.3f}" for q in quartiles)
+          + f", {np.mean(per_prompt_p == 0):.0%} of prompts never solved")
+    results = {m: train_method(m, model, init_state, task, args, device, initial) for m in args.methods}
+    print_table(initial, results, ks)
+    for method, r in results.items():
+        for failure in r["failures"][:2]:
+            print(f"  {method} failure: {failure}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("task_obj", "out")} | {
+        "model": asdict(model_cfg), "device": str(device),
+        "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}
+    summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
+               "initial": initial, "initial_pass_rate_quartiles": quartiles.tolist(),
+               "methods": results}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    save_plots(results, ks, args.out)
+    print(f"wrote {args.out}/results.json, curves.png, pass_at_k.png")
+
+
+if __name__ == "__main__":
+    main()

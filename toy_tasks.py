@@ -1,0 +1,262 @@
+"""Synthetic binary-reward tasks for MaxRL: arithmetic and maze navigation.
+
+Both tasks share one small interface, so the trainer in maxrl.py never looks inside a task:
+
+    task.vocab, task.pad_id, task.bos_id, task.stop_id   token table and special ids
+    task.prompt_len, task.max_completion_len             every prompt has the same length
+    task.unique_answers                                  True if exactly one completion is correct
+    task.test_problems                                   the held-out split (fixed at construction)
+    task.sample_train(n, rng)                            n training problems, never a test problem
+    task.encode_prompt(problem) -> list[int]
+    task.reference_completion(problem) -> list[int]      a correct completion (for the warm start)
+    task.check(problem, completion) -> (ok, reason)      the verifier; reward = int(ok)
+    task.render(problem, completion) -> str              a readable line for printing failures
+
+A completion is the list of sampled token ids up to and including the stop token (or the
+whole sampled list if the stop token never came, which is always wrong).
+"""
+
+import random
+from collections import deque
+
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+
+
+class Task:
+    """Shared plumbing: vocabulary lookup and the disjoint train/test split."""
+
+    unique_answers = False
+
+    def __init__(self, vocab, n_test, seed):
+        self.vocab = SPECIALS + vocab
+        self.token_id = {tok: i for i, tok in enumerate(self.vocab)}
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.test_problems = self._distinct_problems(n_test, random.Random(f"test-{seed}"))
+        self._test_keys = {self.key(p) for p in self.test_problems}
+        self.sample_train(1, random.Random(seed))  # fails now, not mid-run, if none are left
+
+    def _distinct_problems(self, n, rng):
+        problems, keys = [], set()
+        for _ in range(100 * n + 1000):
+            if len(problems) == n:
+                return problems
+            problem = self.random_problem(rng)
+            if self.key(problem) not in keys:
+                keys.add(self.key(problem))
+                problems.append(problem)
+        raise ValueError(f"cannot find {n} distinct held-out problems; make the task larger")
+
+    def sample_train(self, n, rng):
+        """n training problems drawn from rng; anything in the held-out split is redrawn."""
+        problems = []
+        for _ in range(1000 * n):
+            if len(problems) == n:
+                return problems
+            problem = self.random_problem(rng)
+            if self.key(problem) not in self._test_keys:
+                problems.append(problem)
+        raise ValueError("the held-out split leaves no training problems; make the task larger")
+
+    def encode(self, tokens):
+        return [self.token_id[t] for t in tokens]
+
+    def decode(self, ids):
+        return [self.vocab[i] for i in ids]
+
+    def reward(self, problem, completion):
+        return int(self.check(problem, completion)[0])
+
+
+class Arithmetic(Task):
+    """Integer arithmetic with a unique answer.
+
+    Encoding: operands are zero-padded to `digits` characters so every prompt has the same
+    length; the answer is written plainly (a '-' for negatives) and ends with <eos>.
+    Operand lengths are drawn uniformly from 1..digits, so difficulty varies across prompts.
+
+        prompt      <bos> 0 4 7 + 1 2 8 =        (47 + 128, digits=3)
+        completion  1 7 5 <eos>                  the only correct completion
+
+    Success: the completion equals the answer tokens followed by <eos>, exactly. Because the
+    correct completion is unique, the pass rate p(x) = pi(answer | x) can be computed exactly
+    by teacher forcing, and maximum likelihood is plain cross-entropy on the answer.
+    """
+
+    unique_answers = True
+    OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+    def __init__(self, digits=2, ops="+", n_test=128, seed=0):
+        if digits < 1 or not ops or set(ops) - set(self.OPS):
+            raise ValueError(f"arith needs digits >= 1 and ops from '+-*' (got {digits}, {ops!r})")
+        self.digits, self.ops = digits, ops
+        self.prompt_len = 1 + 2 * digits + 2
+        answer_digits = 2 * digits if "*" in ops else digits + 1
+        self.max_completion_len = answer_digits + ("-" in ops) + 1
+        super().__init__(list("0123456789+-*="), n_test, seed)
+        self.stop_id = self.eos_id
+
+    def random_problem(self, rng):
+        return (self.random_operand(rng), rng.choice(self.ops), self.random_operand(rng))
+
+    def random_operand(self, rng):
+        n_digits = rng.randint(1, self.digits)
+        return rng.randrange(0 if n_digits == 1 else 10 ** (n_digits - 1), 10**n_digits)
+
+    def key(self, problem):
+        return problem
+
+    def encode_prompt(self, problem):
+        a, op, b = problem
+        return [self.bos_id] + self.encode(f"{a:0{self.digits}d}{op}{b:0{self.digits}d}=")
+
+    def reference_completion(self, problem):
+        a, op, b = problem
+        return self.encode(str(self.OPS[op](a, b))) + [self.eos_id]
+
+    def check(self, problem, completion):
+        answer = self.reference_completion(problem)
+        if completion == answer:
+            return True, "correct"
+        if self.eos_id not in completion:
+            return False, "no <eos>"
+        return False, "wrong answer"
+
+    def render(self, problem, completion):
+        a, op, b = problem
+        said = "".join(t for t in self.decode(completion) if t not in SPECIALS)
+        return f"{a}{op}{b} = {self.OPS[op](a, b)}, model said {said!r}"
+
+
+WALL, PATH, START, GOAL = "WALL", "PATH", "START", "GOAL"
+MOVES = {"UP": (-1, 0), "DOWN": (1, 0), "LEFT": (0, -1), "RIGHT": (0, 1)}
+
+
+class Navigation(Task):
+    """Shortest-path-style navigation in mazes made by randomized Prim's algorithm.
+
+    A maze is a size x size grid (size odd); cells sit at odd coordinates, the border is wall.
+    Each maze gets a random start and goal (distinct open squares), so the distance to walk,
+    and with it the difficulty, varies across prompts. `loops` knocks out that fraction of the
+    remaining inner walls, so several distinct shortest paths can exist.
+
+    Encoding (one token per square, word-level as in the paper):
+
+        prompt      <bos> GRID_START
+                    WALL WALL WALL WALL WALL NEWLINE        a 5x5 maze
+                    WALL START PATH PATH WALL NEWLINE
+                    WALL WALL WALL PATH WALL NEWLINE
+                    WALL GOAL PATH PATH WALL NEWLINE
+                    WALL WALL WALL WALL WALL NEWLINE
+                    GRID_END PATH_START
+        completion  RIGHT RIGHT DOWN DOWN LEFT LEFT DONE
+
+    Success: every token before DONE is a move, no move enters a wall or leaves the grid, and
+    the goal is reached; reaching the goal ends the episode, so DONE must follow at once.
+    Revisiting squares is allowed. Many completions can be correct, so the pass rate can only
+    be estimated by sampling. Held-out mazes are deduplicated by grid content: a test maze
+    never appears in training, with any start and goal.
+    """
+
+    def __init__(self, size=7, loops=0.0, n_test=128, seed=0):
+        if size < 5 or size % 2 == 0 or size > 31:
+            raise ValueError(f"maze size must be odd and in [5, 31] (got {size})")
+        if not 0.0 <= loops <= 1.0:
+            raise ValueError(f"loops must be a fraction in [0, 1] (got {loops})")
+        self.size, self.loops = size, loops
+        self.prompt_len = 2 + size * (size + 1) + 2
+        self.max_completion_len = size * size // 2 + 1  # enough for any shortest path, plus DONE
+        names = [WALL, PATH, START, GOAL, "NEWLINE", "GRID_START", "GRID_END", "PATH_START"]
+        super().__init__(names + list(MOVES) + ["DONE"], n_test, seed)
+        self.stop_id = self.token_id["DONE"]
+
+    def random_problem(self, rng):
+        grid = prim_maze(self.size, rng, self.loops)
+        open_squares = [(r, c) for r in range(self.size) for c in range(self.size) if grid[r][c]]
+        start, goal = rng.sample(open_squares, 2)
+        return (grid, start, goal)
+
+    def key(self, problem):
+        return problem[0]
+
+    def encode_prompt(self, problem):
+        grid, start, goal = problem
+        tokens = ["GRID_START"]
+        for r, row in enumerate(grid):
+            for c, is_open in enumerate(row):
+                tokens.append(START if (r, c) == start else GOAL if (r, c) == goal
+                              else PATH if is_open else WALL)
+            tokens.append("NEWLINE")
+        return [self.bos_id] + self.encode(tokens + ["GRID_END", "PATH_START"])
+
+    def reference_completion(self, problem):
+        return self.encode(shortest_path(*problem) + ["DONE"])
+
+    def check(self, problem, completion):
+        grid, (r, c), goal = problem
+        for step, token in enumerate(self.decode(completion)):
+            if token == "DONE":
+                return ((r, c) == goal, "correct" if (r, c) == goal else "DONE before the goal")
+            if (r, c) == goal:
+                return False, f"goal reached, then {token} at step {step}"
+            if token not in MOVES:
+                return False, f"{token} is not a move (step {step})"
+            r, c = r + MOVES[token][0], c + MOVES[token][1]
+            if not (0 <= r < len(grid) and 0 <= c < len(grid)):
+                return False, f"left the grid at step {step}"
+            if not grid[r][c]:
+                return False, f"walked into a wall at step {step}"
+        return False, "no DONE"
+
+    def render(self, problem, completion):
+        _, start, goal = problem
+        moves = " ".join(self.decode(completion))
+        return f"start {start} goal {goal}: {moves} -> {self.check(problem, completion)[1]}"
+
+
+def prim_maze(size, rng, loops=0.0):
+    """Randomized Prim's algorithm. Returns the grid as a tuple of tuples of bools (True = open)."""
+    grid = [[False] * size for _ in range(size)]
+    first = (rng.randrange(1, size, 2), rng.randrange(1, size, 2))
+    grid[first[0]][first[1]] = True
+    frontier = [(first, d) for d in MOVES.values()]  # (cell, direction to a neighbour cell)
+    while frontier:
+        (r, c), (dr, dc) = frontier.pop(rng.randrange(len(frontier)))
+        nr, nc = r + 2 * dr, c + 2 * dc
+        if 0 < nr < size and 0 < nc < size and not grid[nr][nc]:
+            grid[r + dr][c + dc] = grid[nr][nc] = True
+            frontier.extend(((nr, nc), d) for d in MOVES.values())
+    inner_walls = [(r, c) for r in range(1, size - 1) for c in range(1, size - 1)
+                   if not grid[r][c] and (r % 2) != (c % 2)]  # walls between two cells
+    for r, c in rng.sample(inner_walls, round(loops * len(inner_walls))):
+        grid[r][c] = True
+    return tuple(tuple(row) for row in grid)
+
+
+def shortest_path(grid, start, goal):
+    """Breadth-first search; returns the moves of one shortest path from start to goal."""
+    came_from = {start: None}
+    queue = deque([start])
+    while queue:
+        square = queue.popleft()
+        if square == goal:
+            break
+        for name, (dr, dc) in MOVES.items():
+            nxt = (square[0] + dr, square[1] + dc)
+            inside = 0 <= nxt[0] < len(grid) and 0 <= nxt[1] < len(grid)
+            if inside and grid[nxt[0]][nxt[1]] and nxt not in came_from:
+                came_from[nxt] = (square, name)
+                queue.append(nxt)
+    moves = []
+    while came_from[goal] is not None:
+        goal, name = came_from[goal]
+        moves.append(name)
+    return moves[::-1]
+
+
+def make_task(name, n_test=128, seed=0, size=7, loops=0.0, digits=2, ops="+"):
+    """Build a task by CLI name; raises ValueError with a readable message on bad settings."""
+    if name == "nav":
+        return Navigation(size=size, loops=loops, n_test=n_test, seed=seed)
+    if name == "arith":
+        return Arithmetic(digits=digits, ops=ops, n_test=n_test, seed=seed)
+    raise ValueError(f"unknown task {name!r} (choose nav or arith)")
