@@ -25,8 +25,8 @@ Run (CPU is fine; see README.md for wall times):
     python maxrl.py --task=arith --methods=ml,maxrl,grpo,rloo --N=16  ml = exact cross-entropy
     pytest                                                           the estimators' proofs
 
-Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation  5. training
-6. reporting  7. command line.
+Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation
+5. checking the estimators on the real model  6. training  7. reporting  8. command line.
 """
 
 import argparse
@@ -349,7 +349,48 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Training: one shared supervised warm start, then each method from the same weights,
+# 5. Checking the estimators on the real model (the tests and --experiment=weights use this).
+#    A completion "succeeds" when it starts with a target token list; then p = pi(target | x)
+#    is exact by teacher forcing. With target = answer + <eos> this is arith's verifier.
+
+def target_pass_rate(model, prompt, target):
+    """Exact p = pi(target | x), with grad. prompt (Tp,), target: list of ids -> scalar."""
+    target_ids = torch.tensor(target, device=prompt.device)[None, None]  # (1, 1, L)
+    lengths = torch.tensor([[len(target)]], device=prompt.device)
+    return completion_logprobs(model, prompt[None], target_ids, lengths)[0, 0].exp()
+
+
+def flat_grad(scalar, model, retain_graph=False):
+    grads = torch.autograd.grad(scalar, list(model.parameters()), retain_graph=retain_graph)
+    return torch.cat([g.reshape(-1) for g in grads])  # (n_params,)
+
+
+def estimator_weighting(name):
+    """Coefficients c (G, N) such that sum c_j S_j is the mean over G groups of (1/N) sum_j A_j S_j."""
+    return lambda rewards: ESTIMATORS[name](rewards) / rewards.numel()
+
+
+def sampled_gradients(model, prompt, target, N, weightings, n_batches, groups, generator, max_len, stop_id):
+    """Monte Carlo gradients for one prompt. Each of n_batches samples `groups` groups of N
+    completions; for each weighting fn(rewards (G, N)) -> c (G, N) it records
+    sum_gj c_gj grad log pi(z_gj | x). Returns {name: (n_batches, n_params)}."""
+    target_ids = torch.tensor(target, device=prompt.device)
+    prompts = prompt[None].expand(groups, -1)  # (G, Tp)
+    batches = {name: [] for name in weightings}
+    for _ in range(n_batches):
+        completions, lengths = sample_completions(model, prompts, N, max_len, stop_id, generator)
+        completions = F.pad(completions, (0, max(0, len(target) - completions.shape[-1])))
+        starts_right = (completions[..., :len(target)] == target_ids).all(-1)  # (G, N)
+        rewards = (starts_right & (lengths >= len(target))).float()  # (G, N)
+        seq_logprob = completion_logprobs(model, prompts, completions, lengths)  # (G, N)
+        for name, coefficients in weightings.items():
+            objective = (coefficients(rewards) * seq_logprob).sum()
+            batches[name].append(flat_grad(objective, model, retain_graph=True))
+    return {name: torch.stack(grads) for name, grads in batches.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Training: one shared supervised warm start, then each method from the same weights,
 #    seed and prompt stream, with the same number of sampled rollouts per step.
 
 def supervised_loss(model, task, problems, device):
@@ -416,7 +457,7 @@ def train_method(method, model, init_state, task, args, device, initial_metrics)
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Reporting: table, results.json, plots.
+# 7. Reporting: table, results.json, plots.
 
 def print_table(initial, results, ks):
     columns = [f"pass@{k}" for k in ks] + ["coverage"]
@@ -456,7 +497,7 @@ def save_plots(results, ks, out):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. Command line.
+# 8. Command line.
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, no usage dump or traceback
