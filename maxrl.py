@@ -21,12 +21,15 @@ them 0/1, weight each completion's log-probability by an advantage) except:
   3. nothing else: no KL, no clipping, no entropy bonus, fully on-policy.
 
 Run (CPU is fine; see README.md for wall times):
-    python maxrl.py --task=nav --N=16                               rloo, grpo, maxrl side by side
+    python maxrl.py --task=nav --N=16                                 rloo, grpo, maxrl side by side
     python maxrl.py --task=arith --methods=ml,maxrl,grpo,rloo --N=16  ml = exact cross-entropy
-    pytest                                                           the estimators' proofs
+    python maxrl.py --experiment=weights                              weight-function figure
+    python maxrl.py --experiment=gradnorm                             gradient norm vs pass rate
+    pytest                                                            the estimators' proofs
 
 Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation
-5. checking the estimators on the real model  6. training  7. reporting  8. command line.
+5. checking the estimators on the real model  6. training  7. reporting  8. experiments
+9. command line.
 """
 
 import argparse
@@ -271,7 +274,8 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache
         else:
             sequences = torch.cat([sequences, next_token], dim=1)
     completions = torch.cat(tokens, dim=1)  # (B*n, Tc)
-    completions[torch.arange(completions.shape[1], device=prompts.device) >= lengths[:, None]] = 0
+    after_end = torch.arange(completions.shape[1], device=prompts.device) >= lengths[:, None]
+    completions[after_end] = 0  # <pad>, id 0 in every task
     return completions.view(B, n, -1), lengths.view(B, n)
 
 
@@ -459,10 +463,11 @@ def train_method(method, model, init_state, task, args, device, initial_metrics)
 # ----------------------------------------------------------------------------------------
 # 7. Reporting: table, results.json, plots.
 
-def print_table(initial, results, ks):
+def print_table(initial, warm_start_s, results, ks):
+    """Held-out metrics after the warm start ("start") and after each method's training."""
     columns = [f"pass@{k}" for k in ks] + ["coverage"]
     print(f"\n{'method':>13} " + " ".join(f"{c:>9}" for c in columns) + f" {'wall s':>8}")
-    rows = [("start", initial, float("nan"))] + [(m, r["final"], r["wall_s"]) for m, r in results.items()]
+    rows = [("start", initial, warm_start_s)] + [(m, r["final"], r["wall_s"]) for m, r in results.items()]
     for name, metrics, wall in rows:
         print(f"{name:>13} " + " ".join(f"{metrics[c]:>9.3f}" for c in columns) + f" {wall:>8.0f}")
 
@@ -497,7 +502,171 @@ def save_plots(results, ks, out):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Command line.
+# 8. Experiments: each is one command (--experiment=NAME) that writes JSON and PNG to --out.
+
+def build_model(args, task):
+    """The transformer on the chosen device, after the shared supervised warm start."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    model_cfg = ModelConfig(len(task.vocab), task.prompt_len + task.max_completion_len,
+                            args.n_layer, args.n_head, args.n_embd)
+    model = Transformer(model_cfg).to(device)
+    print(f"{args.task}: prompt {task.prompt_len} tokens, completion <= {task.max_completion_len}; "
+          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+    warm_start(model, task, args, device)
+    return model, model_cfg, device
+
+
+def compare_methods(args):
+    """The main command: every method from the same warm start; table, results.json, plots."""
+    task, started = args.task_obj, time.time()
+    model, model_cfg, device = build_model(args, task)
+    warm_start_s = time.time() - started
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ks = eval_ks(args.N)
+    initial, per_prompt_p, _ = evaluate(model, task, ks, seed=args.seed + 1)
+    quartiles = np.percentile(per_prompt_p, [25, 50, 75])
+    print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}, quartiles "
+          + " / ".join(f"{q:.3f}" for q in quartiles)
+          + f", {np.mean(per_prompt_p == 0):.0%} of prompts never solved")
+    results = {m: train_method(m, model, init_state, task, args, device, initial) for m in args.methods}
+    print_table(initial, warm_start_s, results, ks)
+    for method, r in results.items():
+        for failure in r["failures"][:2]:
+            print(f"  {method} failure: {failure}")
+    config = {k: v for k, v in vars(args).items() if k not in ("task_obj", "out")} | {
+        "model": asdict(model_cfg), "device": str(device),
+        "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}
+    summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
+               "initial": initial, "initial_pass_rate_quartiles": quartiles.tolist(),
+               "warm_start_wall_s": warm_start_s,
+               "methods": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    save_plots(results, ks, args.out)
+    print(f"wrote {args.out}/results.json, curves.png, pass_at_k.png")
+
+
+def prompts_by_pass_rate(model, task, device):
+    """Held-out prompts of a unique-answer task with their exact p, sorted by p."""
+    rows = []
+    for problem in task.test_problems:
+        prompt = prompt_tensor(task, [problem], device)[0]
+        answer = task.reference_completion(problem)
+        with torch.no_grad():
+            rows.append((target_pass_rate(model, prompt, answer).item(), prompt, answer))
+    return sorted(rows, key=lambda row: row[0])
+
+
+def measure_weights(model, task, args, device, names, n_prompts=5):
+    """w measured on the transformer: the averaged gradient's component along grad p over
+    |grad p|^2, at n_prompts held-out prompts spread evenly in log p over those with p >= 0.01.
+    Returns {name: [(p, w, standard error)]}."""
+    rows = [row for row in prompts_by_pass_rate(model, task, device) if row[0] >= 0.01]
+    log_p = np.log([row[0] for row in rows])
+    chosen = {int(np.abs(log_p - x).argmin()) for x in np.linspace(log_p[0], log_p[-1], n_prompts)}
+    generator = torch.Generator(device).manual_seed(args.seed)
+    measured = {name: [] for name in names}
+    for p, prompt, answer in tqdm([rows[i] for i in sorted(chosen)], desc="measuring w"):
+        batches = sampled_gradients(model, prompt, answer, args.N,
+                                    {name: estimator_weighting(name) for name in names}, n_batches=10,
+                                    groups=64, generator=generator, max_len=task.max_completion_len,
+                                    stop_id=task.stop_id)
+        grad_p = flat_grad(target_pass_rate(model, prompt, answer), model)
+        for name, grads in batches.items():
+            along = (grads @ grad_p / grad_p.square().sum()).cpu().numpy()  # (n_batches,)
+            measured[name].append((p, float(along.mean()), float(along.std(ddof=1) / len(along) ** 0.5)))
+    return measured
+
+
+def weights_experiment(args):
+    """The paper's weight-function figure: analytic w(p), weight() at finite N, and w measured on the model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, _, device = build_model(args, args.task_obj)
+    names = ["rloo", "grpo", "maxrl"]
+    measured = measure_weights(model, args.task_obj, args, device, names)
+    p = np.logspace(-3, 0, 300)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot(p, np.ones_like(p), "k-", label="RL (pass@1): 1")
+    ax.plot(p, 1 / np.sqrt(p * (1 - p) + 1e-12), "C1-", label="GRPO, N -> inf: 1/sqrt(p(1-p))")
+    for i, T in enumerate([2, 4, 16, 64, 256]):
+        ax.plot(p, (1 - (1 - p) ** T) / p, color=plt.cm.Blues(0.35 + 0.13 * i), label=f"MaxRL T={T}")
+    ax.plot(p, 1 / p, "k--", label="maximum likelihood: 1/p")
+    N = args.N
+    ax.plot(p, weight("grpo", p, N), "C1:", lw=2, label=f"weight('grpo', p, N={N})")
+    ax.plot(p, weight("maxrl", p, N), "C3:", lw=2, label=f"weight('maxrl', p, N={N}): T=N-1")
+    ax.plot(p, weight("maxrl_order_n", p, N), "C2:", lw=2, label=f"weight('maxrl_order_n', p, N={N}): T=N")
+    for name, color in zip(names, ["k", "C1", "C3"]):
+        ps, ws, errors = np.array(measured[name]).T
+        ax.errorbar(ps, ws, yerr=2 * errors, fmt="o", color=color, mfc="white", capsize=3,
+                    label=f"{name} measured on the transformer (N={N}, +-2 s.e.)")
+    ax.set(xscale="log", yscale="log", xlabel="pass rate p", ylabel="weight w(p):  E[gradient] = w(p) grad p",
+           ylim=(0.5, 2e3))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / "weights.png", dpi=120)
+    (args.out / "weights.json").write_text(json.dumps({"N": N, "measured": measured}, indent=1))
+    print(f"wrote {args.out}/weights.png, weights.json")
+
+
+def gradnorm_experiment(args, n_prompts=48, n_groups=8):
+    """The paper's gradient-norm analysis: per-prompt gradient L2 norm against p on held-out
+    prompts of the warm-started model. Filled markers: the expected gradient's norm, exactly
+    w_N(p) |grad p| (ml: |grad log p|). Faint markers: one group's estimate, averaged over
+    n_groups groups, which is what one update sees of that prompt."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = args.task_obj
+    model, _, device = build_model(args, task)
+    names, generator = ["rloo", "grpo", "maxrl"], torch.Generator(device).manual_seed(args.seed)
+    rows = [row for row in prompts_by_pass_rate(model, task, device) if row[0] >= 1e-3]
+    rows = rows[::max(1, len(rows) // n_prompts)]
+    norms = {name: {"p": [], "expected": [], "sampled": []} for name in names + ["ml"]}
+    for p, prompt, answer in tqdm(rows, desc="gradient norms"):
+        p_tensor = target_pass_rate(model, prompt, answer)
+        grad_p_norm = flat_grad(p_tensor, model).norm().item()
+        groups = sampled_gradients(model, prompt, answer, args.N,
+                                   {name: estimator_weighting(name) for name in names}, n_batches=n_groups,
+                                   groups=1, generator=generator, max_len=task.max_completion_len,
+                                   stop_id=task.stop_id)
+        for name in names:
+            norms[name]["expected"].append(weight(name, p, args.N) * grad_p_norm)
+            norms[name]["sampled"].append(groups[name].norm(dim=1).mean().item())
+        norms["ml"]["expected"].append(grad_p_norm / p)
+        norms["ml"]["sampled"].append(grad_p_norm / p)  # exact: no sampling
+        for name in norms:
+            norms[name]["p"].append(p)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, values) in enumerate(norms.items()):
+        ax.scatter(values["p"], values["expected"], color=f"C{i}", s=18, label=f"{name}: E[gradient]")
+        if name != "ml":
+            ax.scatter(values["p"], values["sampled"], color=f"C{i}", s=12, alpha=0.25, marker="^")
+    ax.set(xscale="log", yscale="log", xlabel="held-out pass rate p (exact)",
+           ylabel="per-prompt gradient L2 norm", title=f"triangles: one group of N={args.N}, averaged")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / "gradnorm.png", dpi=120)
+    (args.out / "gradnorm.json").write_text(json.dumps({"N": args.N, "norms": norms}, indent=1))
+    print(f"wrote {args.out}/gradnorm.png, gradnorm.json")
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Command line.
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" where the help says the default
+        return action.help if action.default is None else super()._get_help_string(action)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, no usage dump or traceback
@@ -507,9 +676,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser():
     parser = ArgumentParser(description="Train REINFORCE/RLOO, GRPO and MaxRL side by side.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--experiment", default="compare", choices=list(EXPERIMENTS),
+                        help="compare = train the methods side by side; the others make one figure")
     group = parser.add_argument_group("task")
-    group.add_argument("--task", default="nav", choices=["nav", "arith"], help="which toy task")
+    group.add_argument("--task", choices=["nav", "arith"],
+                       help="toy task (default: nav to compare, arith for the figures, which need exact p)")
     group.add_argument("--size", type=int, default=7, help="nav: maze side, odd, 5..31 (paper: 17)")
     group.add_argument("--loops", type=float, default=0.0,
                        help="nav: fraction of inner walls knocked out, for several shortest paths")
@@ -519,12 +691,12 @@ def build_parser():
     group.add_argument("--methods", default="rloo,grpo,maxrl",
                        help=f"comma-separated, from {', '.join(ESTIMATORS)} and ml (arith only)")
     group.add_argument("--N", type=int, default=16, help="rollouts per prompt (group size)")
-    group.add_argument("--steps", type=int, default=60, help="RL steps per method")
+    group.add_argument("--steps", type=int, default=100, help="RL steps per method")
     group.add_argument("--batch", type=int, default=16, help="prompts per RL step")
-    group.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (AdamW)")
-    group.add_argument("--sft-steps", type=int, default=300,
+    group.add_argument("--lr", type=float, default=3e-4, help="RL learning rate (AdamW)")
+    group.add_argument("--sft-steps", type=int, default=400,
                        help="supervised warm-start steps, shared by all methods (0 = none)")
-    group.add_argument("--sft-batch", type=int, default=32, help="warm-start batch size")
+    group.add_argument("--sft-batch", type=int, default=64, help="warm-start batch size")
     group.add_argument("--sft-lr", type=float, default=1e-3, help="warm-start learning rate")
     group.add_argument("--seed", type=int, default=0, help="seeds weights, prompts and sampling")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -536,7 +708,7 @@ def build_parser():
     group = parser.add_argument_group("evaluation and output")
     group.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
     group.add_argument("--eval-every", type=int, default=10, help="evaluate every this many steps")
-    group.add_argument("--out", default=None, help="output folder (default runs/<task>-N<N>)")
+    group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
     return parser
 
 
@@ -545,7 +717,10 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.task = args.task or ("nav" if args.experiment == "compare" else "arith")
     problems = [
+        (args.experiment != "compare" and args.task != "arith",
+         f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
         (args.N < 1, f"--N must be >= 1 (got {args.N})"),
         (not args.methods, "--methods is empty"),
         (args.steps < 0 or args.sft_steps < 0, "--steps and --sft-steps must be >= 0"),
@@ -572,44 +747,18 @@ def parse_args(argv=None):
                                   loops=args.loops, digits=args.digits, ops=args.ops)
     except ValueError as err:
         parser.error(str(err))
-    args.out = Path(args.out or f"runs/{args.task}-N{args.N}")
+    default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"
+    args.out = Path(args.out or default_out)
     return args
+
+
+EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment,
+               "gradnorm": gradnorm_experiment}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    task = args.task_obj
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    torch.manual_seed(args.seed)
-    model_cfg = ModelConfig(len(task.vocab), task.prompt_len + task.max_completion_len,
-                            args.n_layer, args.n_head, args.n_embd)
-    model = Transformer(model_cfg).to(device)
-    print(f"{args.task}: prompt {task.prompt_len} tokens, completion <= {task.max_completion_len}; "
-          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-    warm_start(model, task, args, device)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    ks = eval_ks(args.N)
-    initial, per_prompt_p, _ = evaluate(model, task, ks, seed=args.seed + 1)
-    quartiles = np.percentile(per_prompt_p, [25, 50, 75])
-    print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}, quartiles "
-          + " / ".join(f"{q:.3f}" for q in quartiles)
-          + f", {np.mean(per_prompt_p == 0):.0%} of prompts never solved")
-    results = {m: train_method(m, model, init_state, task, args, device, initial) for m in args.methods}
-    print_table(initial, results, ks)
-    for method, r in results.items():
-        for failure in r["failures"][:2]:
-            print(f"  {method} failure: {failure}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("task_obj", "out")} | {
-        "model": asdict(model_cfg), "device": str(device),
-        "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}
-    summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
-               "initial": initial, "initial_pass_rate_quartiles": quartiles.tolist(),
-               "methods": results}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    save_plots(results, ks, args.out)
-    print(f"wrote {args.out}/results.json, curves.png, pass_at_k.png")
+    EXPERIMENTS[args.experiment](args)
 
 
 if __name__ == "__main__":
