@@ -25,6 +25,7 @@ Run (CPU is fine; see README.md for wall times):
     python maxrl.py --task=arith --methods=ml,maxrl,grpo,rloo --N=16  ml = exact cross-entropy
     python maxrl.py --experiment=weights                              weight-function figure
     python maxrl.py --experiment=gradnorm                             gradient norm vs pass rate
+    python maxrl.py --bench                                           speed of the fast paths
     pytest                                                            the estimators' proofs
 
 Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation
@@ -171,37 +172,61 @@ def apply_rotary(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D/2)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class KVCache:
+    """Keys and values of the tokens so far, one buffer per layer with room for `capacity`
+    tokens. Each prompt's keys/values (B, H, P, D) are copied once into the rows of its n
+    completions; appending writes in place, so a decoding step never re-copies the past."""
+
+    def __init__(self, prompt_kv, n, capacity):
+        self.length = prompt_kv[0][0].shape[2]  # tokens filled so far
+        self.keys = [self.expand(k, n, capacity) for k, _ in prompt_kv]
+        self.values = [self.expand(v, n, capacity) for _, v in prompt_kv]
+
+    @staticmethod
+    def expand(x, n, capacity):  # (B, H, P, D) -> (B*n, H, capacity, D), first P positions filled
+        B, H, P, D = x.shape
+        buffer = x.new_empty(B, n, H, capacity, D)
+        buffer[:, :, :, :P] = x[:, None]
+        return buffer.view(B * n, H, capacity, D)
+
+    def append(self, layer, k, v):  # (B*n, H, T, D) each -> all keys, values so far (B*n, H, P+T, D)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.layer = cfg.n_head, layer
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, past=None):  # x (B, T, C); past (k, v) each (B, H, P, D)
+    def forward(self, x, cos, sin, cache=None):  # x (B, T, C)
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
-        if past is None:
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # is_causal would align the mask top-left; queries here sit after P cached keys
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+T, D)
-            P = k.shape[2] - T
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            k, v = cache.append(self.layer, k, v)  # (B, H, P+T, D)
+            P = k.shape[2] - T  # one new token (decoding) sees every key: no mask needed
+            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.n_embd), nn.RMSNorm(cfg.n_embd)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, layer)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False), nn.SiLU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False))
 
-    def forward(self, x, cos, sin, past=None):
-        attn_out, kv = self.attn(self.norm1(x), cos, sin, past)
+    def forward(self, x, cos, sin, cache=None):
+        attn_out, kv = self.attn(self.norm1(x), cos, sin, cache)
         x = x + attn_out
         return x + self.mlp(self.norm2(x)), kv
 
@@ -211,7 +236,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
         cos, sin = rotary_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
         self.register_buffer("cos", cos, persistent=False)
@@ -221,22 +246,21 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, idx, cache=None):
-        """idx (B, T) tokens that follow the cache's P tokens -> logits (B, T, V), new cache."""
-        past_len = 0 if cache is None else cache[0][0].shape[2]
+        """idx (B, T) tokens that follow the cache's P tokens -> logits (B, T, V) and each
+        layer's keys/values (B, H, P+T, D); a KVCache is extended in place."""
+        past_len = 0 if cache is None else cache.length
         cos = self.cos[past_len:past_len + idx.shape[1]]  # (T, D/2)
         sin = self.sin[past_len:past_len + idx.shape[1]]
-        x = self.embed(idx)  # (B, T, C)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, None if cache is None else cache[i])
-            new_cache.append(kv)
-        logits = self.norm(x) @ self.embed.weight.T  # tied embeddings: (B, T, V)
-        return logits, new_cache
-
-
-def expand_cache(cache, n):
-    """Repeat each prompt's keys/values for its n completions: (B, H, P, D) -> (B*n, H, P, D)."""
-    return [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):  # bf16 on GPUs
+            x = self.embed(idx)  # (B, T, C)
+            layer_kv = []
+            for block in self.blocks:
+                x, kv = block(x, cos, sin, cache)
+                layer_kv.append(kv)
+            logits = self.norm(x) @ self.embed.weight.T  # tied embeddings: (B, T, V)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return logits.float(), layer_kv
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,15 +277,16 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache
     B = prompts.shape[0]
     sequences = prompts.repeat_interleave(n, 0)  # (B*n, Tp)
     if use_cache:
-        logits, cache = model(prompts)
-        logits, cache = logits[:, -1].repeat_interleave(n, 0), expand_cache(cache, n)  # (B*n, V)
+        logits, prompt_kv = model(prompts)
+        logits = logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
+        cache = KVCache(prompt_kv, n, capacity=prompts.shape[1] + max_len)
     finished = torch.zeros(B * n, dtype=torch.bool, device=prompts.device)
     lengths = torch.full((B * n,), max_len, device=prompts.device)
     tokens = []
     for t in range(max_len):
         if not use_cache:
             logits = model(sequences)[0][:, -1]  # (B*n, V)
-        next_token = torch.multinomial(logits.float().softmax(-1), 1, generator=generator)  # (B*n, 1)
+        next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B*n, 1)
         tokens.append(next_token)
         stops_now = (next_token[:, 0] == stop_id) & ~finished
         lengths[stops_now] = t + 1
@@ -269,8 +294,7 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache
         if finished.all():
             break
         if use_cache:
-            logits, cache = model(next_token, cache)
-            logits = logits[:, -1]
+            logits = model(next_token, cache)[0][:, -1]
         else:
             sequences = torch.cat([sequences, next_token], dim=1)
     completions = torch.cat(tokens, dim=1)  # (B*n, Tc)
@@ -285,14 +309,27 @@ def completion_logprobs(model, prompts, completions, lengths):
     Shared prefix: each prompt runs once and its N completions attend to its cached keys and
     values, which keep their graph, so gradients are exactly those of the full sequences."""
     B, N, Tc = completions.shape
-    prompt_logits, prompt_cache = model(prompts)  # (B, Tp, V)
+    prompt_logits, prompt_kv = model(prompts)  # (B, Tp, V)
     flat = completions.reshape(B * N, Tc)  # (B*N, Tc)
     logits = prompt_logits[:, -1:].repeat_interleave(N, 0)  # (B*N, 1, V) predicts token 0
     if Tc > 1:
-        rest, _ = model(flat[:, :-1], expand_cache(prompt_cache, N))  # (B*N, Tc-1, V)
+        cache = KVCache(prompt_kv, N, capacity=prompts.shape[1] + Tc - 1)
+        rest, _ = model(flat[:, :-1], cache)  # (B*N, Tc-1, V)
         logits = torch.cat([logits, rest], dim=1)  # (B*N, Tc, V)
-    token_logprob = logits.float().log_softmax(-1).gather(-1, flat[..., None])[..., 0]  # (B*N, Tc)
+    token_logprob = logits.log_softmax(-1).gather(-1, flat[..., None])[..., 0]  # (B*N, Tc)
     mask = torch.arange(Tc, device=flat.device) < lengths.reshape(B * N, 1)  # (B*N, Tc)
+    return (token_logprob * mask).sum(-1).view(B, N)
+
+
+def full_sequence_logprobs(model, prompts, completions, lengths):
+    """Reference for completion_logprobs: each completion run with its own copy of the prompt,
+    no sharing. Same inputs and output; N times the prompt work. (The benchmark and a test.)"""
+    B, N, Tc = completions.shape
+    sequences = torch.cat([prompts.repeat_interleave(N, 0), completions.reshape(B * N, Tc)], 1)
+    logits, _ = model(sequences[:, :-1])  # (B*N, Tp+Tc-1, V)
+    targets = sequences[:, -Tc:, None]  # (B*N, Tc, 1)
+    token_logprob = logits[:, -Tc:].log_softmax(-1).gather(-1, targets)[..., 0]  # (B*N, Tc)
+    mask = torch.arange(Tc, device=prompts.device) < lengths.reshape(B * N, 1)
     return (token_logprob * mask).sum(-1).view(B, N)
 
 
@@ -505,16 +542,18 @@ def save_plots(results, ks, out):
 # 8. Experiments: each is one command (--experiment=NAME) that writes JSON and PNG to --out.
 
 def build_model(args, task):
-    """The transformer on the chosen device, after the shared supervised warm start."""
+    """A freshly initialised transformer on the chosen device (TF32 and bf16 autocast on CUDA)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
     torch.manual_seed(args.seed)
     model_cfg = ModelConfig(len(task.vocab), task.prompt_len + task.max_completion_len,
                             args.n_layer, args.n_head, args.n_embd)
     model = Transformer(model_cfg).to(device)
+    if args.compile:
+        model.compile(dynamic=True)  # sequence lengths vary from call to call
     print(f"{args.task}: prompt {task.prompt_len} tokens, completion <= {task.max_completion_len}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-    warm_start(model, task, args, device)
     return model, model_cfg, device
 
 
@@ -522,6 +561,7 @@ def compare_methods(args):
     """The main command: every method from the same warm start; table, results.json, plots."""
     task, started = args.task_obj, time.time()
     model, model_cfg, device = build_model(args, task)
+    warm_start(model, task, args, device)
     warm_start_s = time.time() - started
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     ks = eval_ks(args.N)
@@ -587,6 +627,7 @@ def weights_experiment(args):
     import matplotlib.pyplot as plt
 
     model, _, device = build_model(args, args.task_obj)
+    warm_start(model, args.task_obj, args, device)
     names = ["rloo", "grpo", "maxrl"]
     measured = measure_weights(model, args.task_obj, args, device, names)
     p = np.logspace(-3, 0, 300)
@@ -626,6 +667,7 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
 
     task = args.task_obj
     model, _, device = build_model(args, task)
+    warm_start(model, task, args, device)
     names, generator = ["rloo", "grpo", "maxrl"], torch.Generator(device).manual_seed(args.seed)
     rows = [row for row in prompts_by_pass_rate(model, task, device) if row[0] >= 1e-3]
     rows = rows[::max(1, len(rows) // n_prompts)]
@@ -660,6 +702,55 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
     print(f"wrote {args.out}/gradnorm.png, gradnorm.json")
 
 
+def median_seconds(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def benchmark(args, repeats=3):
+    """--bench: the cached, shared-prefix paths against naive ones, in the same run. Sampling:
+    KV cache with each prompt prefilled once vs recomputing every sequence at every step.
+    Training step (forward + backward of the policy-gradient loss): shared-prefix vs
+    full-sequence forward. The model is freshly initialised (no warm start; its completions
+    are random, about 15 tokens on nav): this measures the cost of each path, not of a policy."""
+    task = args.task_obj
+    model, _, device = build_model(args, task)
+    prompts = prompt_tensor(task, task.sample_train(args.batch, random.Random(args.seed)), device)
+
+    def sample(use_cache):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        return sample_completions(model, prompts, args.N, task.max_completion_len, task.stop_id,
+                                  generator, use_cache=use_cache)
+
+    completions, lengths = sample(True)  # (B, N, Tc), (B, N); also warms up
+    rewards = torch.randint(0, 2, lengths.shape, device=device).float()  # (B, N)
+
+    def train_step(logprob_fn):
+        model.zero_grad(set_to_none=True)
+        loss = policy_gradient_loss(logprob_fn(model, prompts, completions, lengths), maxrl(rewards))
+        loss.backward()
+
+    train_step(completion_logprobs)  # warm-up
+    n_tokens = lengths.sum().item()
+    seconds = {"sampling, no cache": median_seconds(lambda: sample(False), device, repeats),
+               "sampling, cached": median_seconds(lambda: sample(True), device, repeats),
+               "train step, full sequences": median_seconds(lambda: train_step(full_sequence_logprobs), device, repeats),
+               "train step, shared prefix": median_seconds(lambda: train_step(completion_logprobs), device, repeats)}
+    print(f"{args.batch} prompts x N={args.N} completions of {lengths.float().mean():.1f} tokens, "
+          f"prompt {task.prompt_len} tokens; median of {repeats} repeats")
+    for name, sec in seconds.items():
+        print(f"  {name:<28} {sec * 1e3:9.1f} ms   {n_tokens / sec:12,.0f} completion tokens/s")
+    sampling = seconds["sampling, no cache"] / seconds["sampling, cached"]
+    training = seconds["train step, full sequences"] / seconds["train step, shared prefix"]
+    print(f"bench: sampling {sampling:.1f}x, training {training:.1f}x")
+
+
 # ----------------------------------------------------------------------------------------
 # 9. Command line.
 
@@ -678,7 +769,10 @@ def build_parser():
     parser = ArgumentParser(description="Train REINFORCE/RLOO, GRPO and MaxRL side by side.",
                             formatter_class=HelpFormatter)
     parser.add_argument("--experiment", default="compare", choices=list(EXPERIMENTS),
-                        help="compare = train the methods side by side; the others make one figure")
+                        help="compare = train the methods side by side; weights and gradnorm make "
+                             "one figure each; bench times the fast paths against naive ones")
+    parser.add_argument("--bench", action="store_const", dest="experiment", const="bench",
+                        help="same as --experiment=bench")
     group = parser.add_argument_group("task")
     group.add_argument("--task", choices=["nav", "arith"],
                        help="toy task (default: nav to compare, arith for the figures, which need exact p)")
@@ -701,6 +795,7 @@ def build_parser():
     group.add_argument("--seed", type=int, default=0, help="seeds weights, prompts and sampling")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto = cuda when available")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group = parser.add_argument_group("model")
     group.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     group.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -717,9 +812,9 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.task = args.task or ("nav" if args.experiment == "compare" else "arith")
+    args.task = args.task or ("arith" if args.experiment in ("weights", "gradnorm") else "nav")
     problems = [
-        (args.experiment != "compare" and args.task != "arith",
+        (args.experiment in ("weights", "gradnorm") and args.task != "arith",
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
         (args.N < 1, f"--N must be >= 1 (got {args.N})"),
         (not args.methods, "--methods is empty"),
@@ -753,7 +848,7 @@ def parse_args(argv=None):
 
 
 EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment,
-               "gradnorm": gradnorm_experiment}
+               "gradnorm": gradnorm_experiment, "bench": benchmark}
 
 
 def main(argv=None):

@@ -202,16 +202,6 @@ def test_kv_cache_sampling_equals_full_recompute():
     assert runs[0][0].shape[:2] == (2, 5)
 
 
-def full_sequence_logprobs(model, prompts, completions, lengths):
-    """Reference: every completion run with its own copy of the prompt, no cache."""
-    B, N, Tc = completions.shape
-    sequences = torch.cat([prompts.repeat_interleave(N, 0), completions.view(B * N, Tc)], 1)
-    logits, _ = model(sequences[:, :-1])
-    token_logprob = logits.log_softmax(-1)[:, -Tc:].gather(-1, sequences[:, -Tc:, None])[..., 0]
-    mask = torch.arange(Tc) < lengths.view(B * N, 1)
-    return (token_logprob * mask).sum(-1).view(B, N)
-
-
 def test_shared_prefix_logprobs_and_gradients_equal_full_sequence():
     task = Navigation(size=5, n_test=2)
     model = tiny_model(task)
@@ -219,7 +209,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_sequence():
     completions, lengths = maxrl.sample_completions(model, prompts, 4, task.max_completion_len,
                                                     task.stop_id, torch.Generator().manual_seed(1))
     grads = []
-    for fn in (maxrl.completion_logprobs, full_sequence_logprobs):
+    for fn in (maxrl.completion_logprobs, maxrl.full_sequence_logprobs):
         model.zero_grad()
         seq_logprob = fn(model, prompts, completions, lengths)
         seq_logprob.sum().backward()
