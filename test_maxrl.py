@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,20 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
         assert {"step", "rollouts", "pass@1"} <= method["curve"][-1].keys()
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert (tmp_path / "pass_at_k.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("experiment", ["weights", "gradnorm"])
+def test_figure_experiments_run_at_a_tiny_size(tmp_path, experiment):
+    result = run_cli(f"--experiment={experiment}", "--N=4", "--digits=1", *TINY[1:], f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{experiment}.png").stat().st_size > 0
+    assert json.loads((tmp_path / f"{experiment}.json").read_text())["N"] == 4
+
+
+def test_bench_prints_the_two_speedups():
+    result = run_cli("--bench", "--N=2", "--batch=2", "--eval-prompts=8", *TINY[5:])
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"bench: sampling [0-9.]+x, training [0-9.]+x", result.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("flags", [
