@@ -357,7 +357,7 @@ def score(task, problems, completions, lengths):
 # 4. Evaluation on the held-out split: pass@k for k = 1, 2, 4, ... and coverage.
 
 def eval_ks(N):
-    """k = 1, 2, 4, ... up to the first power of two >= N."""
+    """k = 1, 2, 4, ... up to the first power of two >= N (at least 2)."""
     return [2**i for i in range(max(N - 1, 1).bit_length() + 1)]
 
 
@@ -558,7 +558,8 @@ def build_model(args, task):
     """A freshly initialised transformer on the chosen device (TF32 and bf16 autocast on CUDA)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
     torch.manual_seed(args.seed)
     model_cfg = ModelConfig(len(task.vocab), task.prompt_len + task.max_completion_len,
                             args.n_layer, args.n_head, args.n_embd)
@@ -676,7 +677,7 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
     warm_start(model, task, args, device)
     names, generator = ["rloo", "grpo", "maxrl"], torch.Generator(device).manual_seed(args.seed)
     rows = [row for row in prompts_by_pass_rate(model, task, device) if row[0] >= 1e-3]
-    rows = rows[::max(1, len(rows) // n_prompts)]
+    rows = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, n_prompts).round().astype(int)))]
     norms = {name: {"p": [], "expected": [], "sampled": []} for name in names}
     norms["ml"] = {"p": [], "expected": []}
     for p, prompt, answer in tqdm(rows, desc="gradient norms"):
@@ -821,8 +822,9 @@ def parse_args(argv=None):
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
         (args.N < 1, f"--N must be >= 1 (got {args.N})"),
         (not args.methods, "--methods is empty"),
+        (len(set(args.methods)) < len(args.methods), "--methods lists a method twice"),
         (args.steps < 0 or args.sft_steps < 0, "--steps and --sft-steps must be >= 0"),
-        (args.lr <= 0 or args.sft_lr <= 0, "learning rates must be > 0"),
+        (not (args.lr > 0 and args.sft_lr > 0), "learning rates must be > 0"),  # NaN too
         (min(args.batch, args.sft_batch, args.eval_prompts, args.eval_every) < 1,
          "--batch, --sft-batch, --eval-prompts and --eval-every must be >= 1"),
         (min(args.n_layer, args.n_head, args.n_embd) < 1 or args.n_embd % (2 * args.n_head),

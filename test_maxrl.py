@@ -266,7 +266,7 @@ def test_bench_prints_the_two_speedups():
     ["--task=chess"], ["--methods=rloo,ppo"], ["--N=0"], ["--N=1", "--methods=rloo"],
     ["--N=2.5"], ["--steps=-1"], ["--lr=-0.1"], ["--batch=0"], ["--size=6"], ["--size=3"],
     ["--methods=ml"], ["--task=arith", "--digits=0"], ["--eval-every=0"], ["--n-embd=30"],
-    ["--methods="], ["--bogus-flag"],
+    ["--methods="], ["--bogus-flag"], ["--lr=nan"], ["--methods=rloo,rloo"],
 ] + ([["--device=cuda"]] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2_with_one_line(tmp_path, flags):
     out = tmp_path / "out"
@@ -277,9 +277,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, flags):
     assert "Traceback" not in result.stderr and not out.exists()
 
 
-# ---------------------------------------------------------------- unbiasedness (issue 3)
+# ---------------------------------------------------------------- unbiasedness
 # The objective each estimator is claimed to be unbiased for, as the weight w with
-# E[(1/N) sum_j A_j S_j] = w grad p (DESIGN.md section 2). grpo has no closed form.
+# E[(1/N) sum_j A_j S_j] = w grad p (the table in README.md). grpo has no closed form.
 
 CLAIMED_WEIGHT = {
     "reinforce": lambda p, N: np.ones_like(p),

@@ -44,7 +44,8 @@ class Task:
             if self.key(problem) not in keys:
                 keys.add(self.key(problem))
                 problems.append(problem)
-        raise ValueError(f"cannot find {n} distinct held-out problems; make the task larger")
+        raise ValueError(f"cannot find {n} distinct held-out problems: use fewer --eval-prompts "
+                         "or a larger task (7x7 has 192 distinct mazes, 5x5 only 4)")
 
     def sample_train(self, n, rng):
         """n training problems drawn from rng; anything in the held-out split is redrawn."""
@@ -55,7 +56,8 @@ class Task:
             problem = self.random_problem(rng)
             if self.key(problem) not in self._test_keys:
                 problems.append(problem)
-        raise ValueError("the held-out split leaves no training problems; make the task larger")
+        raise ValueError("the held-out split leaves no training problems: use fewer "
+                         "--eval-prompts or a larger task")
 
     def encode(self, tokens):
         return [self.token_id[t] for t in tokens]
@@ -154,7 +156,9 @@ class Navigation(Task):
     the goal is reached; reaching the goal ends the episode, so DONE must follow at once.
     Revisiting squares is allowed. Many completions can be correct, so the pass rate can only
     be estimated by sampling. Held-out mazes are deduplicated by grid content: a test maze
-    never appears in training, with any start and goal.
+    never appears in training, with any start and goal. The space is small at small sizes:
+    5x5 has 4 distinct mazes, 7x7 has 192 (so 128 held out leave 64 grids to train on, each
+    with about 270 start/goal pairs), 9x9 has 100,352.
     """
 
     def __init__(self, size=7, loops=0.0, n_test=128, seed=0):
