@@ -211,8 +211,9 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # is_causal would align the mask top-left; queries here sit after P cached keys
             k, v = cache.append(self.layer, k, v)  # (B, H, P+T, D)
-            P = k.shape[2] - T  # one new token (decoding) sees every key: no mask needed
-            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            P = k.shape[2] - T
+            causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            mask = None if T == 1 else causal  # one new token (decoding) sees every key
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
@@ -267,13 +268,13 @@ class Transformer(nn.Module):
 # 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens
 #    at positions >= length are padding (after the stop token, or never sampled).
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: the sampled tokens go on into the training forward
 def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache=True):
     """Sample n completions per prompt at temperature 1. prompts (B, Tp) -> (B, n, Tc), (B, n).
 
     With use_cache, each prompt is run once and its keys/values are shared by its n
     completions; then one token per step. Without, the whole sequence is recomputed each step
-    (slow; kept to test the cache). Both draw the same random numbers."""
+    (slow; kept to test and benchmark the cache). Both draw the same random numbers."""
     B = prompts.shape[0]
     sequences = prompts.repeat_interleave(n, 0)  # (B*n, Tp)
     if use_cache:
