@@ -25,6 +25,7 @@ Run (CPU is fine; see README.md for wall times):
     python maxrl.py --task=arith --methods=ml,maxrl,grpo,rloo --N=16  ml = exact cross-entropy
     python maxrl.py --experiment=weights                              weight-function figure
     python maxrl.py --experiment=gradnorm                             gradient norm vs pass rate
+    python maxrl.py --experiment=gradcos                              cosine to the ML gradient vs N
     python maxrl.py --bench                                           speed of the fast paths
     pytest                                                            the estimators' proofs
 
@@ -707,6 +708,56 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
     save_figure(fig, args.out, "gradnorm", {"N": args.N, "norms": norms})
 
 
+def maxrl_objective(p, T):
+    """J_T(p) = -sum_{k=1..T} (1-p)^k / k, MaxRL's objective of order T (T -> inf: log p)."""
+    return -sum((1 - p) ** k / k for k in range(1, T + 1))
+
+
+def gradcos_experiment(args, Ns=(4, 16, 64, 256), n_seeds=3, names=("rloo", "grpo", "maxrl")):
+    """Gradient-level interpolation: on one batch of held-out arith prompts of the warm-started
+    model, the cosine between each estimator's batch gradient (one group of N per prompt) and
+    the exact gradients of mean_x log p(x) (maximum likelihood) and of mean_x J_N(p(x)) (MaxRL
+    of order N), as N grows; mean and range over n_seeds sampling seeds."""
+    plt = pyplot()
+    task = args.task_obj
+    model, _, device = build_model(args, task)
+    warm_start(model, task, args, device)
+    problems = task.test_problems[:args.batch]
+    prompts = prompt_tensor(task, problems, device)  # (B, Tp)
+    p = completion_logprobs(model, prompts, *reference_tensor(task, problems, device))[:, 0].exp()  # (B,)
+    ml_grad = flat_grad(p.log().mean(), model, retain_graph=True)
+    cosines = {name: {"ml": [], "order_n": []} for name in names}  # [N index][seed]
+    for N in tqdm(Ns, desc="N"):
+        order_n_grad = flat_grad(maxrl_objective(p, N).mean(), model, retain_graph=True)
+        for values in cosines.values():
+            values["ml"].append([]), values["order_n"].append([])
+        for seed in range(n_seeds):
+            generator = torch.Generator(device).manual_seed(seed)
+            completions, lengths = sample_completions(model, prompts, N, task.max_completion_len,
+                                                      task.stop_id, generator)  # (B, N, Tc)
+            rewards = score(task, problems, completions, lengths)  # (B, N)
+            seq_logprob = completion_logprobs(model, prompts, completions, lengths)  # (B, N)
+            for name in names:
+                loss = policy_gradient_loss(seq_logprob, ESTIMATORS[name](rewards))
+                grad = flat_grad(-loss, model, retain_graph=True)
+                for target, exact in (("ml", ml_grad), ("order_n", order_n_grad)):
+                    cosines[name][target][-1].append(F.cosine_similarity(grad, exact, dim=0).item())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, target, title in zip(axes, ["ml", "order_n"], ["exact maximum-likelihood gradient",
+                                                           "exact order-N MaxRL gradient"]):
+        for name in names:
+            values = np.array(cosines[name][target])  # (len(Ns), n_seeds)
+            ax.errorbar(Ns, values.mean(1), yerr=[values.mean(1) - values.min(1), values.max(1) - values.mean(1)],
+                        marker="o", capsize=3, label=name)
+        ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"cosine to the {title}")
+        ax.set_xticks(Ns, [str(N) for N in Ns])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"cosine ({len(problems)} prompts, mean and range over {n_seeds} seeds)")
+    axes[0].legend()
+    fig.tight_layout()
+    save_figure(fig, args.out, "gradcos", {"Ns": list(Ns), "p": p.tolist(), "cosines": cosines})
+
+
 def median_seconds(fn, device, repeats):
     times = []
     for _ in range(repeats):
@@ -817,9 +868,9 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.task = args.task or ("arith" if args.experiment in ("weights", "gradnorm") else "nav")
+    args.task = args.task or ("arith" if args.experiment in EXACT_P_EXPERIMENTS else "nav")
     problems = [
-        (args.experiment in ("weights", "gradnorm") and args.task != "arith",
+        (args.experiment in EXACT_P_EXPERIMENTS and args.task != "arith",
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
         (args.N < 1, f"--N must be >= 1 (got {args.N})"),
         (not args.methods, "--methods is empty"),
@@ -854,7 +905,8 @@ def parse_args(argv=None):
 
 
 EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment,
-               "gradnorm": gradnorm_experiment, "bench": benchmark}
+               "gradnorm": gradnorm_experiment, "gradcos": gradcos_experiment, "bench": benchmark}
+EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos")  # they need p by teacher forcing: arith
 
 
 def main(argv=None):
