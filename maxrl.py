@@ -339,13 +339,14 @@ def prompt_tensor(task, problems, device):
     return torch.tensor([task.encode_prompt(p) for p in problems], device=device)  # (B, Tp)
 
 
-def reference_tensor(task, problems, device):
-    """Each problem's reference completion as a group of one: (B, 1, Tc), lengths (B, 1)."""
+def reference_logprob(model, task, problems, prompts):
+    """log pi(reference completion | x) per problem, with grad: (B,). With unique answers
+    (arith) this is log p exactly; it is also the warm start's and `ml`'s objective."""
     refs = [task.reference_completion(p) for p in problems]
     Tc = max(map(len, refs))
-    padded = [r + [task.pad_id] * (Tc - len(r)) for r in refs]
-    lengths = torch.tensor([[len(r)] for r in refs], device=device)
-    return torch.tensor(padded, device=device)[:, None], lengths
+    padded = torch.tensor([r + [task.pad_id] * (Tc - len(r)) for r in refs], device=prompts.device)
+    lengths = torch.tensor([[len(r)] for r in refs], device=prompts.device)  # (B, 1)
+    return completion_logprobs(model, prompts, padded[:, None], lengths)[:, 0]  # groups of one
 
 
 def score(task, problems, completions, lengths):
@@ -379,8 +380,7 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
         rewards = score(task, problems, completions, lengths)  # (B, n)
         successes.append(rewards.sum(-1).cpu())
         if task.unique_answers:
-            refs, ref_lengths = reference_tensor(task, problems, prompts.device)
-            exact_p.append(completion_logprobs(model, prompts, refs, ref_lengths)[:, 0].exp().cpu())
+            exact_p.append(reference_logprob(model, task, problems, prompts).exp().cpu())
         failures += [task.render(p, c[0][:l[0]]) for p, c, l, r in
                      zip(problems, completions.tolist(), lengths.tolist(), rewards) if r[0] == 0]
     c = torch.cat(successes).numpy()
@@ -439,9 +439,7 @@ def sampled_gradients(model, prompt, target, N, weightings, n_batches, groups, g
 def supervised_loss(model, task, problems, device):
     """-mean log pi(reference | x): the warm start's loss, and exact maximum likelihood
     (method `ml`) where the reference is the unique correct answer."""
-    prompts = prompt_tensor(task, problems, device)
-    refs, lengths = reference_tensor(task, problems, device)
-    return -completion_logprobs(model, prompts, refs, lengths).mean()
+    return -reference_logprob(model, task, problems, prompt_tensor(task, problems, device)).mean()
 
 
 def warm_start(model, task, args, device):
@@ -724,7 +722,7 @@ def gradcos_experiment(args, Ns=(4, 16, 64, 256), n_seeds=3, names=("rloo", "grp
     warm_start(model, task, args, device)
     problems = task.test_problems[:args.batch]
     prompts = prompt_tensor(task, problems, device)  # (B, Tp)
-    p = completion_logprobs(model, prompts, *reference_tensor(task, problems, device))[:, 0].exp()  # (B,)
+    p = reference_logprob(model, task, problems, prompts).exp()  # (B,) exact, with grad
     ml_grad = flat_grad(p.log().mean(), model, retain_graph=True)
     cosines = {name: {"ml": [], "order_n": []} for name in names}  # [N index][seed]
     for N in tqdm(Ns, desc="N"):
