@@ -36,9 +36,11 @@ Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -281,7 +283,8 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache
     if use_cache:
         logits, prompt_kv = model(prompts)
         logits = logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
-        cache = KVCache(prompt_kv, n, capacity=prompts.shape[1] + max_len)
+        capacity = prompts.shape[1] + max_len
+        cache = KVCache(prompt_kv, n, capacity) if max_len > 1 else None  # one token: no decoding
     finished = torch.zeros(B * n, dtype=torch.bool, device=prompts.device)
     lengths = torch.full((B * n,), max_len, device=prompts.device)
     tokens = []
@@ -293,7 +296,7 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache
         stops_now = (next_token[:, 0] == stop_id) & ~finished
         lengths[stops_now] = t + 1
         finished |= stops_now
-        if finished.all():
+        if finished.all() or t == max_len - 1:  # the last token needs no forward pass
             break
         if use_cache:
             logits = model(next_token, cache)[0][:, -1]
@@ -396,6 +399,21 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
 #    A completion "succeeds" when it starts with a target token list; then p = pi(target | x)
 #    is exact by teacher forcing. With target = answer + <eos> this is arith's verifier.
 
+def exact_group_gradient(name, logits, correct, N):
+    """E[(1/N) sum_j A_j grad log pi(z_j)] for a categorical policy pi = softmax(logits) over
+    M outcomes, correct (M,) 0/1, summed exactly over all M^N outcome tuples: no sampling.
+    Returns (expected gradient wrt the logits (M,), probs (M,), score (M, M) with row z =
+    grad log pi(z)). The tests and notebook 02 check estimators against weight() with it."""
+    M = len(logits)
+    probs = logits.softmax(-1)  # (M,)
+    score = torch.eye(M, dtype=logits.dtype) - probs  # (M, M) row z: grad_logits log pi(z)
+    outcomes = torch.tensor(list(itertools.product(range(M), repeat=N)))  # (M^N, N)
+    tuple_prob = probs[outcomes].prod(-1)  # (M^N,)
+    advantages = ESTIMATORS[name](correct[outcomes])  # (M^N, N)
+    per_tuple = (advantages[..., None] * score[outcomes]).sum(1) / N  # (M^N, M)
+    return (tuple_prob[:, None] * per_tuple).sum(0), probs, score
+
+
 def target_pass_rate(model, prompt, target):
     """Exact p = pi(target | x), with grad. prompt (Tp,), target: list of ids -> scalar."""
     target_ids = torch.tensor(target, device=prompt.device)[None, None]  # (1, 1, L)
@@ -444,9 +462,11 @@ def supervised_loss(model, task, problems, device):
 
 def warm_start(model, task, args, device):
     """Supervised fine-tuning on reference completions (BFS shortest paths, true answers)."""
+    if args.sft_steps == 0:
+        return
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     rng = random.Random(f"sft-{args.seed}")
-    for _ in tqdm(range(args.sft_steps), desc="warm start", disable=args.sft_steps == 0):
+    for _ in tqdm(range(args.sft_steps), desc="warm start"):
         loss = supervised_loss(model, task, task.sample_train(args.sft_batch, rng), device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -465,16 +485,17 @@ def rl_loss(model, task, problems, method, N, generator, device):
     return loss, {"reward": rewards.mean().item(), "no_signal": no_signal.item()}
 
 
-def train_method(method, model, init_state, task, args, device, initial_metrics):
-    """Train one method from init_state; returns its curve, final metrics and wall time."""
+def train_method(method, model, init_state, task, args, device, initial_metrics, ks):
+    """Train one method from init_state, evaluating pass@k for k in ks; returns its curve,
+    final metrics and wall time."""
     started = time.time()
     model.load_state_dict(init_state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     prompt_rng = random.Random(f"prompts-{args.seed}")  # the same prompt stream for every method
     generator = torch.Generator(device).manual_seed(args.seed)
-    ks, window, failures = eval_ks(args.N), [], []
+    window, failures = [], []
     curve = [{"step": 0, "rollouts": 0, **initial_metrics}]
-    progress = tqdm(range(1, args.steps + 1), desc=f"{method:>13}")
+    progress = tqdm(range(1, args.steps + 1), desc=f"{method:>5} N={args.N:<4} seed {args.seed}")
     for step in progress:
         problems = task.sample_train(args.batch, prompt_rng)
         if method == "ml":
@@ -509,12 +530,18 @@ def print_table(initial, warm_start_s, results, ks):
         print(f"{name:>13} " + " ".join(f"{metrics[c]:>9.3f}" for c in columns) + f" {wall:>8.0f}")
 
 
-def pyplot():
-    """matplotlib drawing to files (no display); imported only when a figure is made."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def new_figure(nrows=1, ncols=1, figsize=(6, 4), **subplot_kw):
+    """A figure drawn straight to files: matplotlib's Figure, not pyplot, so no display
+    backend is needed and nothing global changes (a notebook keeps its inline plots).
+    Imported only when a figure is made. Returns (fig, axes) as plt.subplots does."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
+
+
+def colormap(name):
+    from matplotlib import colormaps
+    return colormaps[name]
 
 
 def save_figure(fig, out, name, data):
@@ -526,8 +553,7 @@ def save_figure(fig, out, name, data):
 
 
 def save_plots(results, ks, out):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
         for method, r in results.items():
             ax.plot([c["rollouts"] for c in r["curve"]], [c[metric] for c in r["curve"]],
@@ -537,7 +563,7 @@ def save_plots(results, ks, out):
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = new_figure(figsize=(5.5, 4))
     for method, r in results.items():
         ax.plot(ks, [r["final"][f"pass@{k}"] for k in ks], marker="o", label=method)
     first = next(iter(results.values()))["curve"][0]
@@ -548,7 +574,6 @@ def save_plots(results, ks, out):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "pass_at_k.png", dpi=120)
-    plt.close("all")
 
 
 # ----------------------------------------------------------------------------------------
@@ -571,6 +596,12 @@ def build_model(args, task):
     return model, model_cfg, device
 
 
+def flag_record(args):
+    """The flags of a run, as written to its JSON."""
+    return {k: v if isinstance(v, (int, float, str, list, type(None))) else str(v)
+            for k, v in vars(args).items() if k not in ("task_obj", "out")}
+
+
 def compare_methods(args):
     """The main command: every method from the same warm start; table, results.json, plots."""
     task, started = args.task_obj, time.time()
@@ -584,12 +615,12 @@ def compare_methods(args):
     print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}, quartiles "
           + " / ".join(f"{q:.3f}" for q in quartiles)
           + f", {np.mean(per_prompt_p == 0):.0%} of prompts never solved")
-    results = {m: train_method(m, model, init_state, task, args, device, initial) for m in args.methods}
+    results = {m: train_method(m, model, init_state, task, args, device, initial, ks) for m in args.methods}
     print_table(initial, warm_start_s, results, ks)
     for method, r in results.items():
         for failure in r["failures"][:2]:
             print(f"  {method} failure: {failure}")
-    config = {k: v for k, v in vars(args).items() if k not in ("task_obj", "out")} | {
+    config = flag_record(args) | {
         "model": asdict(model_cfg), "device": str(device),
         "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}
     summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
@@ -600,6 +631,7 @@ def compare_methods(args):
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     save_plots(results, ks, args.out)
     print(f"wrote {args.out}/results.json, curves.png, pass_at_k.png")
+    return model, summary  # the model as the last method left it (notebook 03 samples from it)
 
 
 def prompts_by_pass_rate(model, task, device):
@@ -638,17 +670,16 @@ def measure_weights(model, task, args, device, names, n_prompts=5):
 
 def weights_experiment(args):
     """The paper's weight-function figure: analytic w(p), weight() at finite N, and w measured on the model."""
-    plt = pyplot()
     model, _, device = build_model(args, args.task_obj)
     warm_start(model, args.task_obj, args, device)
     names = ["rloo", "grpo", "maxrl"]
     measured = measure_weights(model, args.task_obj, args, device, names)
     p = np.logspace(-3, 0, 300)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = new_figure(figsize=(7, 5))
     ax.plot(p, np.ones_like(p), "k-", label="RL (pass@1): 1")
     ax.plot(p, 1 / np.sqrt(p * (1 - p) + 1e-12), "C1-", label="GRPO, N -> inf: 1/sqrt(p(1-p))")
     for i, T in enumerate([2, 4, 16, 64, 256]):
-        ax.plot(p, (1 - (1 - p) ** T) / p, color=plt.cm.Blues(0.35 + 0.13 * i), label=f"MaxRL T={T}")
+        ax.plot(p, (1 - (1 - p) ** T) / p, color=colormap("Blues")(0.35 + 0.13 * i), label=f"MaxRL T={T}")
     ax.plot(p, 1 / p, "k--", label="maximum likelihood: 1/p")
     N = args.N
     ax.plot(p, weight("grpo", p, N), "C1:", lw=2, label=f"weight('grpo', p, N={N})")
@@ -671,7 +702,6 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
     prompts of the warm-started model. Filled markers: the expected gradient's norm, exactly
     w_N(p) |grad p| (ml: |grad log p|). Faint markers: one group's estimate, averaged over
     n_groups groups, which is what one update sees of that prompt."""
-    plt = pyplot()
     task = args.task_obj
     model, _, device = build_model(args, task)
     warm_start(model, task, args, device)
@@ -693,7 +723,7 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
         norms["ml"]["expected"].append(grad_p_norm / p)  # exact: ml samples nothing
         for name in norms:
             norms[name]["p"].append(p)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = new_figure(figsize=(6.5, 4.5))
     for i, (name, values) in enumerate(norms.items()):
         ax.scatter(values["p"], values["expected"], color=f"C{i}", s=18, label=f"{name}: E[gradient]")
         if name != "ml":
@@ -711,12 +741,11 @@ def maxrl_objective(p, T):
     return -sum((1 - p) ** k / k for k in range(1, T + 1))
 
 
-def gradcos_experiment(args, Ns=(4, 16, 64, 256), n_seeds=3, names=("rloo", "grpo", "maxrl")):
+def gradcos_experiment(args, names=("rloo", "grpo", "maxrl")):
     """Gradient-level interpolation: on one batch of held-out arith prompts of the warm-started
     model, the cosine between each estimator's batch gradient (one group of N per prompt) and
     the exact gradients of mean_x log p(x) (maximum likelihood) and of mean_x J_N(p(x)) (MaxRL
-    of order N), as N grows; mean and range over n_seeds sampling seeds."""
-    plt = pyplot()
+    of order N), as N grows; mean and range over --seeds sampling seeds."""
     task = args.task_obj
     model, _, device = build_model(args, task)
     warm_start(model, task, args, device)
@@ -725,11 +754,11 @@ def gradcos_experiment(args, Ns=(4, 16, 64, 256), n_seeds=3, names=("rloo", "grp
     p = reference_logprob(model, task, problems, prompts).exp()  # (B,) exact, with grad
     ml_grad = flat_grad(p.log().mean(), model, retain_graph=True)
     cosines = {name: {"ml": [], "order_n": []} for name in names}  # [N index][seed]
-    for N in tqdm(Ns, desc="N"):
+    for N in tqdm(args.Ns, desc="N"):
         order_n_grad = flat_grad(maxrl_objective(p, N).mean(), model, retain_graph=True)
         for values in cosines.values():
             values["ml"].append([]), values["order_n"].append([])
-        for seed in range(n_seeds):
+        for seed in range(args.seeds):
             generator = torch.Generator(device).manual_seed(seed)
             completions, lengths = sample_completions(model, prompts, N, task.max_completion_len,
                                                       task.stop_id, generator)  # (B, N, Tc)
@@ -740,20 +769,110 @@ def gradcos_experiment(args, Ns=(4, 16, 64, 256), n_seeds=3, names=("rloo", "grp
                 grad = flat_grad(-loss, model, retain_graph=True)
                 for target, exact in (("ml", ml_grad), ("order_n", order_n_grad)):
                     cosines[name][target][-1].append(F.cosine_similarity(grad, exact, dim=0).item())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = new_figure(1, 2, figsize=(10, 4), sharey=True)
     for ax, target, title in zip(axes, ["ml", "order_n"], ["exact maximum-likelihood gradient",
                                                            "exact order-N MaxRL gradient"]):
         for name in names:
-            values = np.array(cosines[name][target])  # (len(Ns), n_seeds)
-            ax.errorbar(Ns, values.mean(1), yerr=[values.mean(1) - values.min(1), values.max(1) - values.mean(1)],
+            values = np.array(cosines[name][target])  # (len(Ns), seeds)
+            mean = values.mean(1)
+            ax.errorbar(args.Ns, mean, yerr=[mean - values.min(1), values.max(1) - mean],
                         marker="o", capsize=3, label=name)
         ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"cosine to the {title}")
-        ax.set_xticks(Ns, [str(N) for N in Ns])
+        ax.set_xticks(args.Ns, [str(N) for N in args.Ns])
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"cosine ({len(problems)} prompts, mean and range over {n_seeds} seeds)")
+    axes[0].set_ylabel(f"cosine ({len(problems)} prompts, mean and range over {args.seeds} seeds)")
     axes[0].legend()
     fig.tight_layout()
-    save_figure(fig, args.out, "gradcos", {"Ns": list(Ns), "p": p.tolist(), "cosines": cosines})
+    save_figure(fig, args.out, "gradcos", {"Ns": args.Ns, "p": p.tolist(), "cosines": cosines})
+
+
+def with_flags(args, **changes):
+    """A copy of the parsed flags with some changed (one run of a sweep)."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def train_sweep(args, runs, ks):
+    """Train each (method, N) in runs from one shared start per seed (seeds 0 .. --seeds-1),
+    on the same prompt stream and steps: the engine of the interpolation and scaling
+    experiments. Returns the start's metrics per seed and {label: [one result per seed]}."""
+    task, initial, results = args.task_obj, [], {}
+    for seed in range(args.seeds):
+        seed_args = with_flags(args, seed=seed)
+        model, _, device = build_model(seed_args, task)
+        warm_start(model, task, seed_args, device)
+        init_state = {k: v.clone() for k, v in model.state_dict().items()}
+        initial.append(evaluate(model, task, ks, seed=seed + 1)[0])
+        for method, N in runs:
+            result = train_method(method, model, init_state, task, with_flags(seed_args, N=N),
+                                  device, initial[-1], ks)
+            results.setdefault(run_label(method, N), []).append(result)
+    return initial, results
+
+
+def run_label(method, N):
+    return "ml" if method == "ml" else f"{method} N={N}"
+
+
+def band(ax, x, per_seed, **style):
+    """Mean over seeds as a line, min..max over seeds as a shaded band. per_seed (seeds, len(x))."""
+    per_seed = np.asarray(per_seed)
+    line, = ax.plot(x, per_seed.mean(0), **style)
+    ax.fill_between(x, per_seed.min(0), per_seed.max(0), color=line.get_color(), alpha=0.15, lw=0)
+
+
+def interpolation_experiment(args):
+    """The paper's classification figure at toy scale: ml (exact cross-entropy) and maxrl at
+    every N in --Ns, rloo and grpo at the largest N, all from the same start (no warm start:
+    p starts near 1/vocabulary) with the same prompts and steps. Held-out exact pass@1 and
+    pass@k against gradient steps; mean and range over --seeds seeds."""
+    largest, ks = max(args.Ns), eval_ks(64)
+    runs = [("ml", largest)] + [("maxrl", N) for N in args.Ns] + [(m, largest) for m in ("rloo", "grpo")]
+    initial, results = train_sweep(args, runs, ks)
+    fig, axes = new_figure(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
+        for method, N in runs:
+            label = run_label(method, N)
+            steps = [c["step"] for c in results[label][0]["curve"]]
+            style = ({"color": "k", "lw": 2} if method == "ml" else
+                     {"color": colormap("viridis")(0.85 * args.Ns.index(N) / max(len(args.Ns) - 1, 1))}
+                     if method == "maxrl" else {"color": "C3" if method == "rloo" else "C1", "ls": "--"})
+            band(ax, steps, [[c[metric] for c in r["curve"]] for r in results[label]], label=label, **style)
+        ax.set(xlabel="gradient steps", ylabel=f"held-out {metric} (exact)", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step, "
+                 f"mean and range over {args.seeds} seeds", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, args.out, "interpolation", {"config": flag_record(args), "Ns": args.Ns, "ks": ks,
+                                                  "initial": initial, "runs": results})
+
+
+def scaling_experiment(args):
+    """The paper's maze scaling figure at toy scale: each method in --methods at each N in
+    --Ns from the same warm start, with the same prompts per step and steps; then -log
+    pass@k on held-out mazes (unbiased estimator from 128 samples) against N, for k in 1, 16,
+    128. Mean and range over --seeds seeds."""
+    ks, shown = eval_ks(128), [1, 16, 128]
+    runs = [(method, N) for method in args.methods for N in args.Ns]
+    initial, results = train_sweep(args, runs, ks)
+    fig, axes = new_figure(1, len(shown), figsize=(12, 4))
+    neg_log = lambda values: -np.log(np.maximum(values, 1e-4))  # nothing solved: drawn at 1e-4
+    for ax, k in zip(axes, shown):
+        ax.axhline(neg_log(np.mean([m[f"pass@{k}"] for m in initial])), color="k", ls=":",
+                   label="after warm start")
+        for method in args.methods:
+            per_seed = [[r["final"][f"pass@{k}"] for r in results[run_label(method, N)]] for N in args.Ns]
+            band(ax, args.Ns, neg_log(np.array(per_seed).T), marker="o", label=method)  # (seeds, Ns)
+        ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"-log pass@{k} (held out)")
+        ax.set_xticks(args.Ns, [str(N) for N in args.Ns])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts; "
+                 f"mean and range over {args.seeds} seeds", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, args.out, "scaling", {"config": flag_record(args), "Ns": args.Ns, "ks": ks,
+                                           "initial": initial, "runs": results})
 
 
 def median_seconds(fn, device, repeats):
@@ -808,7 +927,7 @@ def benchmark(args, repeats=3):
 # ----------------------------------------------------------------------------------------
 # 9. Command line.
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" where the help says the default
         return action.help if action.default is None else super()._get_help_string(action)
 
@@ -821,10 +940,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser():
     parser = ArgumentParser(description="Train REINFORCE/RLOO, GRPO and MaxRL side by side.",
-                            formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter, epilog=DEFAULTS_HELP)
     parser.add_argument("--experiment", default="compare", choices=list(EXPERIMENTS),
-                        help="compare = train the methods side by side; weights and gradnorm make "
-                             "one figure each; bench times the fast paths against naive ones")
+                        help="compare = train the methods side by side; the others make one figure "
+                             "each (see the list below); bench times the fast paths against naive ones")
     parser.add_argument("--bench", action="store_const", dest="experiment", const="bench",
                         help="same as --experiment=bench")
     group = parser.add_argument_group("task")
@@ -835,6 +954,8 @@ def build_parser():
                        help="nav: fraction of inner walls knocked out, for several shortest paths")
     group.add_argument("--digits", type=int, default=2, help="arith: longest operand, in digits")
     group.add_argument("--ops", default="+", help="arith: operations to draw from, e.g. '+-*'")
+    group.add_argument("--single-token", action="store_true",
+                       help="arith: the answer is one token, one per possible result (classification)")
     group = parser.add_argument_group("training")
     group.add_argument("--methods", default="rloo,grpo,maxrl",
                        help=f"comma-separated, from {', '.join(ESTIMATORS)} and ml (arith only)")
@@ -858,12 +979,32 @@ def build_parser():
     group.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
     group.add_argument("--eval-every", type=int, default=10, help="evaluate every this many steps")
     group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
+    group = parser.add_argument_group("sweeps (--experiment=interpolation, scaling, gradcos)")
+    group.add_argument("--Ns", default="4,16,64,256", help="comma-separated rollouts per prompt to sweep")
+    group.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1, each from its own start")
+    group.add_argument("--paper-size", action="store_true",
+                       help="scaling: the paper's maze setting (17x17, 3M parameters, N up to 128; a GPU)")
     return parser
+
+
+EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
+    "interpolation": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "Ns": "4,16,64,256,1024"},
+    "scaling": {"Ns": "4,8,16,32,64", "steps": 50, "batch": 6, "eval_every": 1000, "eval_prompts": 48},
+}
+PAPER_SIZE = {"size": 17, "n_embd": 256, "sft_steps": 1500, "sft_lr": 5e-4, "sft_batch": 32, "lr": 1e-4,
+              "Ns": "4,8,16,32,64,128", "steps": 200, "batch": 16, "eval_prompts": 128}
+DEFAULTS_HELP = "defaults that differ from compare's:\n" + "\n".join(
+    f"  {name}: " + " ".join(f"--{key.replace('_', '-')}={value}" for key, value in flags.items())
+    for name, flags in [*EXPERIMENT_DEFAULTS.items(), ("scaling --paper-size", PAPER_SIZE)])
 
 
 def parse_args(argv=None):
     """Parse and validate every flag before anything is built or written."""
     parser = build_parser()
+    first_pass = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**EXPERIMENT_DEFAULTS.get(first_pass.experiment, {}))
+    if first_pass.paper_size:
+        parser.set_defaults(**PAPER_SIZE)
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.task = args.task or ("arith" if args.experiment in EXACT_P_EXPERIMENTS else "nav")
@@ -871,6 +1012,11 @@ def parse_args(argv=None):
         (args.experiment in EXACT_P_EXPERIMENTS and args.task != "arith",
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
         (args.N < 1, f"--N must be >= 1 (got {args.N})"),
+        (not (re.fullmatch(r"\d+(,\d+)*", args.Ns) and min(map(int, args.Ns.split(","))) >= 1),
+         f"--Ns must be comma-separated integers >= 1 (got {args.Ns!r})"),
+        (args.seeds < 1, f"--seeds must be >= 1 (got {args.seeds})"),
+        (args.paper_size and args.experiment != "scaling", "--paper-size goes with --experiment=scaling"),
+        (args.single_token and args.task != "arith", "--single-token is an arith option"),
         (not args.methods, "--methods is empty"),
         (len(set(args.methods)) < len(args.methods), "--methods lists a method twice"),
         (args.steps < 0 or args.sft_steps < 0, "--steps and --sft-steps must be >= 0"),
@@ -888,23 +1034,29 @@ def parse_args(argv=None):
             (method == "ml" and args.task != "arith",
              "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
             (method == "rloo" and args.N < 2, "rloo needs --N >= 2 (leave-one-out baseline)"),
+            (method == "rloo" and args.experiment in SWEEPS and "1" in args.Ns.split(","),
+             "rloo needs every --Ns >= 2 (leave-one-out baseline)"),
         ]
     for failed, message in problems:
         if failed:
             parser.error(message)
     try:
         args.task_obj = make_task(args.task, n_test=args.eval_prompts, size=args.size,
-                                  loops=args.loops, digits=args.digits, ops=args.ops)
+                                  loops=args.loops, digits=args.digits, ops=args.ops,
+                                  single_token=args.single_token)
     except ValueError as err:
         parser.error(str(err))
+    args.Ns = sorted(set(int(N) for N in args.Ns.split(",")))
     default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"
     args.out = Path(args.out or default_out)
     return args
 
 
-EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment,
-               "gradnorm": gradnorm_experiment, "gradcos": gradcos_experiment, "bench": benchmark}
-EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos")  # they need p by teacher forcing: arith
+EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment, "gradnorm": gradnorm_experiment,
+               "gradcos": gradcos_experiment, "interpolation": interpolation_experiment,
+               "scaling": scaling_experiment, "bench": benchmark}
+EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "interpolation")  # need p by teacher forcing
+SWEEPS = ("interpolation", "scaling")  # train every (method, N) in --Ns
 
 
 def main(argv=None):

@@ -116,6 +116,16 @@ def test_arith_verifier():
     assert task.reward((12, "*", 34), task.reference_completion((12, "*", 34))) == 1
 
 
+def test_single_token_arith_is_a_classification():
+    task = Arithmetic(digits=2, ops="+-", n_test=8, single_token=True)
+    assert task.max_completion_len == 1
+    assert {"[-99]", "[0]", "[198]"} <= set(task.vocab) and "[199]" not in task.vocab
+    answer = task.reference_completion((47, "+", 28))
+    assert task.decode(answer) == ["[75]"] and task.check((47, "+", 28), answer) == (True, "correct")
+    assert task.reward((47, "+", 28), task.encode(["[76]"])) == 0
+    assert task.reward((47, "+", 28), [task.eos_id]) == 0
+
+
 def tiny_maze():
     """5x5, open border on the right of row 1 so that leaving the grid can be tested."""
     rows = ["#####",
@@ -192,8 +202,9 @@ def tiny_model(task, seed=0):
     return maxrl.Transformer(cfg)
 
 
-def test_kv_cache_sampling_equals_full_recompute():
-    task = Navigation(size=5, n_test=2)
+@pytest.mark.parametrize("task", [Navigation(size=5, n_test=2),
+                                  Arithmetic(digits=1, n_test=2, single_token=True)])
+def test_kv_cache_sampling_equals_full_recompute(task):
     model = tiny_model(task)
     prompts = maxrl.prompt_tensor(task, task.test_problems[:2], "cpu")
     runs = [maxrl.sample_completions(model, prompts, 5, task.max_completion_len, task.stop_id,
@@ -203,8 +214,9 @@ def test_kv_cache_sampling_equals_full_recompute():
     assert runs[0][0].shape[:2] == (2, 5)
 
 
-def test_shared_prefix_logprobs_and_gradients_equal_full_sequence():
-    task = Navigation(size=5, n_test=2)
+@pytest.mark.parametrize("task", [Navigation(size=5, n_test=2),
+                                  Arithmetic(digits=1, n_test=2, single_token=True)])
+def test_shared_prefix_logprobs_and_gradients_equal_full_sequence(task):
     model = tiny_model(task)
     prompts = maxrl.prompt_tensor(task, task.test_problems[:2], "cpu")
     completions, lengths = maxrl.sample_completions(model, prompts, 4, task.max_completion_len,
@@ -256,6 +268,29 @@ def test_figure_experiments_run_at_a_tiny_size(tmp_path, experiment, key):
     assert key in json.loads((tmp_path / f"{experiment}.json").read_text())
 
 
+@pytest.mark.parametrize("experiment, flags", [("interpolation", ["--single-token"]), ("scaling", [])])
+def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
+    result = run_cli(f"--experiment={experiment}", "--Ns=2,4", "--seeds=2", "--digits=1", *flags,
+                     *TINY, f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{experiment}.png").stat().st_size > 0
+    sweep = json.loads((tmp_path / f"{experiment}.json").read_text())
+    assert sweep["Ns"] == [2, 4] and len(sweep["initial"]) == 2
+    expected = ({"ml", "maxrl N=2", "maxrl N=4", "rloo N=4", "grpo N=4"} if experiment == "interpolation"
+                else {f"{m} N={N}" for m in ("rloo", "grpo", "maxrl") for N in (2, 4)})
+    assert set(sweep["runs"]) == expected
+    for per_seed in sweep["runs"].values():
+        assert len(per_seed) == 2 and [c["step"] for c in per_seed[0]["curve"]] == [0, 1, 2]
+
+
+def test_experiment_defaults_yield_to_explicit_flags():
+    assert maxrl.parse_args(["--experiment=interpolation"]).sft_steps == 0
+    assert maxrl.parse_args(["--experiment=interpolation", "--sft-steps=30"]).sft_steps == 30
+    assert maxrl.parse_args(["--experiment=scaling", "--paper-size"]).size == 17
+    assert maxrl.parse_args(["--experiment=scaling", "--paper-size", "--size=9"]).size == 9
+    assert maxrl.parse_args([]).sft_steps == 400
+
+
 def test_bench_prints_the_two_speedups():
     result = run_cli("--bench", "--N=2", "--batch=2", "--eval-prompts=8", *TINY[5:])
     assert result.returncode == 0, result.stderr
@@ -267,6 +302,8 @@ def test_bench_prints_the_two_speedups():
     ["--N=2.5"], ["--steps=-1"], ["--lr=-0.1"], ["--batch=0"], ["--size=6"], ["--size=3"],
     ["--methods=ml"], ["--task=arith", "--digits=0"], ["--eval-every=0"], ["--n-embd=30"],
     ["--methods="], ["--bogus-flag"], ["--lr=nan"], ["--methods=rloo,rloo"],
+    ["--single-token"], ["--Ns=0,4"], ["--Ns=4,x"], ["--seeds=0"], ["--paper-size"],
+    ["--experiment=scaling", "--Ns=1,4"], ["--experiment=interpolation", "--task=nav"],
 ] + ([["--device=cuda"]] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2_with_one_line(tmp_path, flags):
     out = tmp_path / "out"
@@ -289,19 +326,6 @@ CLAIMED_WEIGHT = {
 }
 
 
-def enumerate_group_gradient(name, logits, correct, N):
-    """E[(1/N) sum_j A_j grad log pi(z_j)] for a categorical policy over len(logits) outcomes,
-    summed exactly over all len(logits)^N outcome tuples (float64, no sampling)."""
-    M = len(logits)
-    probs = logits.softmax(-1)  # (M,)
-    score = torch.eye(M, dtype=torch.float64) - probs  # (M, M) row z: grad_logits log pi(z)
-    outcomes = torch.tensor(list(itertools.product(range(M), repeat=N)))  # (M^N, N)
-    tuple_prob = probs[outcomes].prod(-1)  # (M^N,)
-    advantages = ESTIMATORS[name](correct[outcomes])  # (M^N, N)
-    per_tuple = (advantages[..., None] * score[outcomes]).sum(1) / N  # (M^N, M)
-    return (tuple_prob[:, None] * per_tuple).sum(0), probs, score
-
-
 @pytest.mark.parametrize("name", ESTIMATORS)
 @pytest.mark.parametrize("N", [1, 2, 3, 5])
 def test_exact_enumeration_matches_weight(name, N):
@@ -311,7 +335,7 @@ def test_exact_enumeration_matches_weight(name, N):
         pytest.skip("rloo is undefined at N = 1 (tested to refuse)")
     logits = torch.tensor([0.3, -0.5, 1.2, 0.1, -1.0], dtype=torch.float64)
     correct = torch.tensor([1.0, 0, 1, 0, 0], dtype=torch.float64)  # two correct outcomes
-    expected_grad, probs, score = enumerate_group_gradient(name, logits, correct, N)
+    expected_grad, probs, score = maxrl.exact_group_gradient(name, logits, correct, N)
     p = float((probs * correct).sum())
     grad_p = (correct * probs) @ score  # sum_z r(z) pi(z) grad log pi(z)
     assert torch.allclose(expected_grad, weight(name, p, N) * grad_p, atol=1e-10, rtol=0)
@@ -449,3 +473,4 @@ def test_theorem1_on_the_transformer(sampled):
     N, p, grad_p, batches = sampled
     t_along, orth_ratio = z_scores(batches["success_mean"], grad_p / p)
     assert abs(t_along) < 5 and orth_ratio < 9, (t_along, orth_ratio)
+

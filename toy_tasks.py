@@ -13,7 +13,8 @@ Both tasks share one small interface, so the trainer in maxrl.py never looks ins
     task.render(problem, completion) -> str              a readable line for printing failures
 
 A completion is the list of sampled token ids up to and including the stop token (or the
-whole sampled list if the stop token never came, which is always wrong).
+whole sampled list if the stop token never came, which is wrong unless the task's answer is
+a single token: then max_completion_len = 1 and the completion is that one token).
 """
 
 import random
@@ -82,19 +83,32 @@ class Arithmetic(Task):
     Success: the completion equals the answer tokens followed by <eos>, exactly. Because the
     correct completion is unique, the pass rate p(x) = pi(answer | x) can be computed exactly
     by teacher forcing, and maximum likelihood is plain cross-entropy on the answer.
+
+    With single_token=True the answer is one token from a table with one entry per possible
+    result (199 of them for 2-digit '+'), and nothing follows it: sampling the answer is
+    drawing a class label, the analogue of the paper's image classification.
+
+        prompt      <bos> 4 7 + 2 8 =            completion  [75]
     """
 
     unique_answers = True
     OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
-    def __init__(self, digits=2, ops="+", n_test=128, seed=0):
+    def __init__(self, digits=2, ops="+", n_test=128, seed=0, single_token=False):
         if digits < 1 or not ops or set(ops) - set(self.OPS):
             raise ValueError(f"arith needs digits >= 1 and ops from '+-*' (got {digits}, {ops!r})")
-        self.digits, self.ops = digits, ops
+        self.digits, self.ops, self.single_token = digits, ops, single_token
         self.prompt_len = 1 + 2 * digits + 2
-        answer_digits = 2 * digits if "*" in ops else digits + 1
-        self.max_completion_len = answer_digits + ("-" in ops) + 1
-        super().__init__(list("0123456789+-*="), n_test, seed)
+        if single_token:
+            largest = 10**digits - 1  # every op is monotone in each operand: corners bound it
+            corners = [self.OPS[op](a, b) for op in ops for a in (0, largest) for b in (0, largest)]
+            answer_tokens = [f"[{v}]" for v in range(min(corners), max(corners) + 1)]
+            self.max_completion_len = 1
+        else:
+            answer_tokens = []
+            answer_digits = 2 * digits if "*" in ops else digits + 1
+            self.max_completion_len = answer_digits + ("-" in ops) + 1
+        super().__init__(list("0123456789+-*=") + answer_tokens, n_test, seed)
         self.stop_id = self.eos_id
 
     def random_problem(self, rng):
@@ -113,19 +127,21 @@ class Arithmetic(Task):
 
     def reference_completion(self, problem):
         a, op, b = problem
+        if self.single_token:
+            return self.encode([f"[{self.OPS[op](a, b)}]"])
         return self.encode(str(self.OPS[op](a, b))) + [self.eos_id]
 
     def check(self, problem, completion):
         answer = self.reference_completion(problem)
         if completion == answer:
             return True, "correct"
-        if self.eos_id not in completion:
+        if self.eos_id not in completion and not self.single_token:
             return False, "no <eos>"
         return False, "wrong answer"
 
     def render(self, problem, completion):
         a, op, b = problem
-        said = "".join(t for t in self.decode(completion) if t not in SPECIALS)
+        said = "".join(t.strip("[]") for t in self.decode(completion) if t not in SPECIALS)
         return f"{a}{op}{b} = {self.OPS[op](a, b)}, model said {said!r}"
 
 
@@ -257,10 +273,10 @@ def shortest_path(grid, start, goal):
     return moves[::-1]
 
 
-def make_task(name, n_test=128, seed=0, size=7, loops=0.0, digits=2, ops="+"):
+def make_task(name, n_test=128, seed=0, size=7, loops=0.0, digits=2, ops="+", single_token=False):
     """Build a task by CLI name; raises ValueError with a readable message on bad settings."""
     if name == "nav":
         return Navigation(size=size, loops=loops, n_test=n_test, seed=seed)
     if name == "arith":
-        return Arithmetic(digits=digits, ops=ops, n_test=n_test, seed=seed)
+        return Arithmetic(digits=digits, ops=ops, n_test=n_test, seed=seed, single_token=single_token)
     raise ValueError(f"unknown task {name!r} (choose nav or arith)")
