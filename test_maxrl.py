@@ -474,3 +474,27 @@ def test_theorem1_on_the_transformer(sampled):
     t_along, orth_ratio = z_scores(batches["success_mean"], grad_p / p)
     assert abs(t_along) < 5 and orth_ratio < 9, (t_along, orth_ratio)
 
+
+# ---------------------------------------------------------------- notebooks
+
+NOTEBOOKS = sorted((HERE / "notebooks").glob("*.ipynb"))
+
+
+def test_the_three_notebooks_exist():
+    assert [path.name[:2] for path in NOTEBOOKS] == ["01", "02", "03"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_runs_top_to_bottom(path, monkeypatch):
+    """Executes every cell at the seconds-long size (MAXRL_QUICK=1) in a fresh kernel; a cell
+    that raises fails the test. The notebook must use the project's code, not a copy of it,
+    and the committed file must keep its outputs (so it reads on the web)."""
+    import nbclient
+    import nbformat
+    notebook = nbformat.read(path, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert "import maxrl" in code_cells[0].source or "from maxrl import" in code_cells[0].source
+    assert all(cell.execution_count for cell in code_cells), "commit the notebook with its outputs"
+    monkeypatch.setenv("MAXRL_QUICK", "1")
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
