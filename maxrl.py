@@ -39,8 +39,10 @@ import functools
 import itertools
 import json
 import math
+import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -485,27 +487,59 @@ def rl_loss(model, task, problems, method, N, generator, device):
     return loss, {"reward": rewards.mean().item(), "no_signal": no_signal.item()}
 
 
-def train_method(method, model, init_state, task, args, device, initial_metrics, ks):
-    """Train one method from init_state, evaluating pass@k for k in ks; returns its curve,
-    final metrics and wall time."""
-    started = time.time()
-    model.load_state_dict(init_state)
+class Stop:
+    """Set by Ctrl-C: training finishes the current step, saves what it has and stops."""
+    requested = False
+
+
+def request_stop(signum, frame):
+    if Stop.requested:  # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+    Stop.requested = True
+    print("\nCtrl-C: stopping after this step (again to stop at once)", file=sys.stderr)
+
+
+def fresh_start(init_state, initial_metrics, args, device):
+    """Where train_method starts at step 0; a checkpoint holds the same keys at a later step."""
+    return {"step": 0, "model": init_state, "optimizer": None,
+            "prompt_rng": random.Random(f"prompts-{args.seed}").getstate(),  # same prompts for every method
+            "generator": torch.Generator(device).manual_seed(args.seed).get_state(),  # sampling's own stream
+            "curve": [{"step": 0, "rollouts": 0, **initial_metrics}], "window": [], "failures": [],
+            "wall_s": 0.0}
+
+
+def train_step(method, model, optimizer, task, problems, args, generator, device):
+    """One on-policy update (or one cross-entropy step for `ml`); returns its statistics."""
+    if method == "ml":
+        loss, stats = supervised_loss(model, task, problems, device), {}
+    else:
+        loss, stats = rl_loss(model, task, problems, method, args.N, generator, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    optimizer.step()
+    return stats
+
+
+def train_method(method, model, task, args, device, start, ks, save_checkpoint=None):
+    """Train one method from `start` (fresh_start or a checkpoint) to --steps, evaluating pass@k
+    for k in ks every --eval-every steps. Every --ckpt-every steps, and when Ctrl-C stops it
+    early, its full state goes to save_checkpoint, so a resumed run ends exactly where an
+    uninterrupted one would. Returns its curve, final metrics and wall time."""
+    started = time.time() - start["wall_s"]
+    model.load_state_dict(start["model"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    prompt_rng = random.Random(f"prompts-{args.seed}")  # the same prompt stream for every method
-    generator = torch.Generator(device).manual_seed(args.seed)
-    window, failures = [], []
-    curve = [{"step": 0, "rollouts": 0, **initial_metrics}]
-    progress = tqdm(range(1, args.steps + 1), desc=f"{method:>5} N={args.N:<4} seed {args.seed}")
+    if start["optimizer"] is not None:
+        optimizer.load_state_dict(start["optimizer"])
+    prompt_rng, generator = random.Random(), torch.Generator(device)
+    prompt_rng.setstate(start["prompt_rng"])
+    generator.set_state(start["generator"])
+    curve, window, failures, step = start["curve"], start["window"], start["failures"], start["step"]
+    progress = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps,
+                    desc=f"{method:>5} N={args.N:<4} seed {args.seed}")
     for step in progress:
         problems = task.sample_train(args.batch, prompt_rng)
-        if method == "ml":
-            loss, stats = supervised_loss(model, task, problems, device), {}
-        else:
-            loss, stats = rl_loss(model, task, problems, method, args.N, generator, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
-        optimizer.step()
+        stats = train_step(method, model, optimizer, task, problems, args, generator, device)
         window.append(stats)
         if step % args.eval_every == 0 or step == args.steps:
             metrics, _, failures = evaluate(model, task, ks, seed=args.seed + 1)
@@ -513,9 +547,20 @@ def train_method(method, model, init_state, task, args, device, initial_metrics,
             curve.append({"step": step, "rollouts": step * args.batch * args.N, **metrics,
                           **{f"train_{key}": value for key, value in train_stats.items()}})
             window = []
+        if save_checkpoint and (Stop.requested or (args.ckpt_every and step % args.ckpt_every == 0)):
+            save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
+                             "curve": curve, "window": window, "failures": failures,
+                             "wall_s": time.time() - started})
         progress.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=curve[-1]["pass@1"])
+        if Stop.requested:
+            break
+    interrupted = step < args.steps
+    if interrupted and curve[-1]["step"] != step:  # report the weights it stopped with
+        curve = curve + [{"step": step, "rollouts": step * args.batch * args.N,
+                          **evaluate(model, task, ks, seed=args.seed + 1)[0]}]
     return {"final": curve[-1], "curve": curve, "wall_s": time.time() - started,
-            "failures": failures}
+            "failures": failures, "interrupted": interrupted}
 
 
 # ----------------------------------------------------------------------------------------
@@ -602,36 +647,77 @@ def flag_record(args):
             for k, v in vars(args).items() if k not in ("task_obj", "out")}
 
 
-def compare_methods(args):
-    """The main command: every method from the same warm start; table, results.json, plots."""
-    task, started = args.task_obj, time.time()
-    model, model_cfg, device = build_model(args, task)
+def save_atomic(state, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def shared_start(model, task, args, device):
+    """The warm start every method trains from, and its held-out metrics."""
+    started = time.time()
     warm_start(model, task, args, device)
-    warm_start_s = time.time() - started
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    ks = eval_ks(args.N)
-    initial, per_prompt_p, _ = evaluate(model, task, ks, seed=args.seed + 1)
-    quartiles = np.percentile(per_prompt_p, [25, 50, 75])
-    print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}, quartiles "
-          + " / ".join(f"{q:.3f}" for q in quartiles)
-          + f", {np.mean(per_prompt_p == 0):.0%} of prompts never solved")
-    results = {m: train_method(m, model, init_state, task, args, device, initial, ks) for m in args.methods}
-    print_table(initial, warm_start_s, results, ks)
+    initial, per_prompt_p, _ = evaluate(model, task, eval_ks(args.N), seed=args.seed + 1)
+    return {"init_state": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,
+            "per_prompt_p": per_prompt_p, "warm_start_s": time.time() - started}
+
+
+def compare_methods(args):
+    """The main command: every method from the same warm start; table, results.json, plots.
+    out/checkpoint.pt holds the run's state until it completes, for --resume."""
+    task, ks, checkpoint_path = args.task_obj, eval_ks(args.N), args.out / "checkpoint.pt"
+    model, model_cfg, device = build_model(args, task)
+    if args.resume:
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    else:
+        state = {"flags": resumable_flags(args), "shared": shared_start(model, task, args, device),
+                 "done": {}, "current": None}
+        save_atomic(state, checkpoint_path)
+    shared, results = state["shared"], state["done"]
+    p = shared["per_prompt_p"]
+    print(f"held-out pass rate after warm start: mean {p.mean():.3f}, quartiles "
+          + " / ".join(f"{q:.3f}" for q in np.percentile(p, [25, 50, 75]))
+          + f", {np.mean(p == 0):.0%} of prompts never solved")
+    for method in [m for m in args.methods if m not in results]:
+        resumed = state["current"] if state["current"] and state["current"]["method"] == method else None
+        start = resumed["state"] if resumed else fresh_start(shared["init_state"], shared["initial"], args, device)
+        save = lambda current: save_atomic({**state, "current": {"method": method, "state": current}}, checkpoint_path)
+        results[method] = train_method(method, model, task, args, device, start, ks, save)
+        if results[method]["interrupted"]:
+            break
+        state["current"] = None
+        save_atomic(state, checkpoint_path)
+    summary = write_results(args, model_cfg, device, shared, results, ks)
+    if not summary["interrupted"]:
+        checkpoint_path.unlink()
+    return model, summary  # the model as the last method left it (notebook 03 samples from it)
+
+
+def resumable_flags(args):
+    """The flags a resumed run must share with the run it continues."""
+    return {k: v for k, v in flag_record(args).items() if k not in ("resume", "overwrite", "ckpt_every")}
+
+
+def write_results(args, model_cfg, device, shared, results, ks):
+    """Print the table and failures; write results.json and the plots. Returns the summary."""
+    print_table(shared["initial"], shared["warm_start_s"], results, ks)
     for method, r in results.items():
         for failure in r["failures"][:2]:
             print(f"  {method} failure: {failure}")
     config = flag_record(args) | {
         "model": asdict(model_cfg), "device": str(device),
-        "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}
+        "pass@k_estimator": "exact, 1-(1-p)^k" if args.task_obj.unique_answers else f"unbiased, n={max(ks)}"}
+    interrupted = len(results) < len(args.methods) or any(r["interrupted"] for r in results.values())
     summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
-               "initial": initial, "initial_pass_rate_quartiles": quartiles.tolist(),
-               "warm_start_wall_s": warm_start_s,
-               "methods": results}
-    args.out.mkdir(parents=True, exist_ok=True)
+               "interrupted": interrupted, "initial": shared["initial"],
+               "initial_pass_rate_quartiles": np.percentile(shared["per_prompt_p"], [25, 50, 75]).tolist(),
+               "warm_start_wall_s": shared["warm_start_s"], "methods": results}
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     save_plots(results, ks, args.out)
-    print(f"wrote {args.out}/results.json, curves.png, pass_at_k.png")
-    return model, summary  # the model as the last method left it (notebook 03 samples from it)
+    print(f"wrote {args.out}/results.json, curves.png, pass_at_k.png"
+          + (f" (interrupted: continue with --resume --out={args.out})" if interrupted else ""))
+    return summary
 
 
 def prompts_by_pass_rate(model, task, device):
@@ -803,10 +889,20 @@ def train_sweep(args, runs, ks):
         init_state = {k: v.clone() for k, v in model.state_dict().items()}
         initial.append(evaluate(model, task, ks, seed=seed + 1)[0])
         for method, N in runs:
-            result = train_method(method, model, init_state, task, with_flags(seed_args, N=N),
-                                  device, initial[-1], ks)
+            run_args = with_flags(seed_args, N=N)
+            start = fresh_start(init_state, initial[-1], run_args, device)
+            result = train_method(method, model, task, run_args, device, start, ks)
             results.setdefault(run_label(method, N), []).append(result)
+            if Stop.requested:  # Ctrl-C: keep what is done
+                return initial, results
     return initial, results
+
+
+def save_interrupted_sweep(out, name, data):
+    """Ctrl-C during a sweep: keep the finished runs (and the one cut short) as JSON; no figure."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**data, "interrupted": True}, indent=1))
+    print(f"interrupted: wrote the runs done so far to {out}/{name}.json")
 
 
 def run_label(method, N):
@@ -828,6 +924,9 @@ def interpolation_experiment(args):
     largest, ks = max(args.Ns), eval_ks(64)
     runs = [("ml", largest)] + [("maxrl", N) for N in args.Ns] + [(m, largest) for m in ("rloo", "grpo")]
     initial, results = train_sweep(args, runs, ks)
+    data = {"config": flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
+    if Stop.requested:
+        return save_interrupted_sweep(args.out, "interpolation", data)
     fig, axes = new_figure(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
         for method, N in runs:
@@ -843,8 +942,7 @@ def interpolation_experiment(args):
     fig.suptitle(f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step, "
                  f"mean and range over {args.seeds} seeds", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, args.out, "interpolation", {"config": flag_record(args), "Ns": args.Ns, "ks": ks,
-                                                  "initial": initial, "runs": results})
+    save_figure(fig, args.out, "interpolation", data)
 
 
 def scaling_experiment(args):
@@ -855,6 +953,9 @@ def scaling_experiment(args):
     ks, shown = eval_ks(128), [1, 16, 128]
     runs = [(method, N) for method in args.methods for N in args.Ns]
     initial, results = train_sweep(args, runs, ks)
+    data = {"config": flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
+    if Stop.requested:
+        return save_interrupted_sweep(args.out, "scaling", data)
     fig, axes = new_figure(1, len(shown), figsize=(12, 4))
     neg_log = lambda values: -np.log(np.maximum(values, 1e-4))  # nothing solved: drawn at 1e-4
     for ax, k in zip(axes, shown):
@@ -871,8 +972,7 @@ def scaling_experiment(args):
     fig.suptitle(f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts; "
                  f"mean and range over {args.seeds} seeds", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, args.out, "scaling", {"config": flag_record(args), "Ns": args.Ns, "ks": ks,
-                                           "initial": initial, "runs": results})
+    save_figure(fig, args.out, "scaling", data)
 
 
 def median_seconds(fn, device, repeats):
@@ -979,6 +1079,11 @@ def build_parser():
     group.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
     group.add_argument("--eval-every", type=int, default=10, help="evaluate every this many steps")
     group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
+    group.add_argument("--overwrite", action="store_true", help="write into an --out that holds a run")
+    group.add_argument("--resume", action="store_true",
+                       help="compare: continue the interrupted run in --out, from its checkpoint")
+    group.add_argument("--ckpt-every", type=int, default=25,
+                       help="compare: checkpoint every this many steps (0 = only on Ctrl-C)")
     group = parser.add_argument_group("sweeps (--experiment=interpolation, scaling, gradcos)")
     group.add_argument("--Ns", default="4,16,64,256", help="comma-separated rollouts per prompt to sweep")
     group.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1, each from its own start")
@@ -1015,6 +1120,9 @@ def parse_args(argv=None):
         (not (re.fullmatch(r"\d+(,\d+)*", args.Ns) and min(map(int, args.Ns.split(","))) >= 1),
          f"--Ns must be comma-separated integers >= 1 (got {args.Ns!r})"),
         (args.seeds < 1, f"--seeds must be >= 1 (got {args.seeds})"),
+        (args.ckpt_every < 0, f"--ckpt-every must be >= 0 (got {args.ckpt_every})"),
+        (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+        (args.resume and args.experiment != "compare", "--resume continues the main command (compare) only"),
         (args.paper_size and args.experiment != "scaling", "--paper-size goes with --experiment=scaling"),
         (args.single_token and args.task != "arith", "--single-token is an arith option"),
         (not args.methods, "--methods is empty"),
@@ -1049,6 +1157,14 @@ def parse_args(argv=None):
     args.Ns = sorted(set(int(N) for N in args.Ns.split(",")))
     default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"
     args.out = Path(args.out or default_out)
+    checkpoint = args.out / "checkpoint.pt"
+    if args.resume and not checkpoint.exists():
+        parser.error(f"nothing to resume: {checkpoint} does not exist")
+    if args.resume and torch.load(checkpoint, weights_only=False)["flags"] != resumable_flags(args):
+        parser.error(f"--resume needs the same flags as the run in {args.out}")
+    if (args.experiment != "bench" and not (args.resume or args.overwrite) and args.out.is_dir()
+            and any(args.out.iterdir())):
+        parser.error(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it")
     return args
 
 
@@ -1061,7 +1177,11 @@ SWEEPS = ("interpolation", "scaling")  # train every (method, N) in --Ns
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.experiment in ("compare", *SWEEPS):  # Ctrl-C: finish the step, save, exit 130
+        signal.signal(signal.SIGINT, request_stop)
     EXPERIMENTS[args.experiment](args)
+    if Stop.requested:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

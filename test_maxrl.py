@@ -5,8 +5,10 @@ import json
 import math
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -283,12 +285,13 @@ def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
         assert len(per_seed) == 2 and [c["step"] for c in per_seed[0]["curve"]] == [0, 1, 2]
 
 
-def test_experiment_defaults_yield_to_explicit_flags():
-    assert maxrl.parse_args(["--experiment=interpolation"]).sft_steps == 0
-    assert maxrl.parse_args(["--experiment=interpolation", "--sft-steps=30"]).sft_steps == 30
-    assert maxrl.parse_args(["--experiment=scaling", "--paper-size"]).size == 17
-    assert maxrl.parse_args(["--experiment=scaling", "--paper-size", "--size=9"]).size == 9
-    assert maxrl.parse_args([]).sft_steps == 400
+def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
+    parse = lambda *flags: maxrl.parse_args([*flags, f"--out={tmp_path / 'out'}"])
+    assert parse("--experiment=interpolation").sft_steps == 0
+    assert parse("--experiment=interpolation", "--sft-steps=30").sft_steps == 30
+    assert parse("--experiment=scaling", "--paper-size").size == 17
+    assert parse("--experiment=scaling", "--paper-size", "--size=9").size == 9
+    assert parse().sft_steps == 400
 
 
 def test_bench_prints_the_two_speedups():
@@ -304,6 +307,7 @@ def test_bench_prints_the_two_speedups():
     ["--methods="], ["--bogus-flag"], ["--lr=nan"], ["--methods=rloo,rloo"],
     ["--single-token"], ["--Ns=0,4"], ["--Ns=4,x"], ["--seeds=0"], ["--paper-size"],
     ["--experiment=scaling", "--Ns=1,4"], ["--experiment=interpolation", "--task=nav"],
+    ["--resume"], ["--resume", "--overwrite"], ["--experiment=scaling", "--resume"], ["--ckpt-every=-1"],
 ] + ([["--device=cuda"]] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2_with_one_line(tmp_path, flags):
     out = tmp_path / "out"
@@ -498,3 +502,64 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("MAXRL_QUICK", "1")
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
+
+
+# ---------------------------------------------------------------- robust runs: determinism, Ctrl-C, resume
+
+LONG_TINY = ["--task=nav", "--N=4", "--steps=60", "--sft-steps=2", "--eval-prompts=8", "--eval-every=5",
+             "--batch=2", "--n-layer=1", "--n-embd=16", "--n-head=2", "--ckpt-every=3"]
+
+
+def without_timing(summary):
+    """results.json minus what may differ between equal runs: wall times, flags, the interrupted mark."""
+    if isinstance(summary, dict):
+        return {k: without_timing(v) for k, v in summary.items()
+                if k not in ("wall_s", "warm_start_wall_s", "config", "interrupted")}
+    return [without_timing(v) for v in summary] if isinstance(summary, list) else summary
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(*LONG_TINY, f"--out={out}", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def test_same_flags_and_seed_give_identical_results(tmp_path, uninterrupted):
+    result = run_cli(*LONG_TINY, f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert without_timing(again) == without_timing(uninterrupted)
+    assert not again["interrupted"] and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_keeps_results_and_resume_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    """SIGINT once a checkpoint exists: the run finishes its step, writes results.json marked
+    interrupted and its plots, exits 130; --resume then ends with the uninterrupted results."""
+    process = subprocess.Popen([sys.executable, str(HERE / "maxrl.py"), *LONG_TINY, f"--out={tmp_path}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the methods' training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    cut_short = json.loads((tmp_path / "results.json").read_text())
+    assert cut_short["interrupted"] and (tmp_path / "curves.png").exists()
+    assert "Traceback" not in stderr
+    resumed = run_cli(*LONG_TINY, f"--out={tmp_path}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert not final["interrupted"] and without_timing(final) == without_timing(uninterrupted)
+
+
+def test_an_out_folder_holding_a_run_is_not_overwritten(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    result = run_cli(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}")
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert (tmp_path / "results.json").read_text() == "{}"
+    result = run_cli(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "methods" in json.loads((tmp_path / "results.json").read_text())
