@@ -50,8 +50,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from toy_tasks import make_task
@@ -462,19 +464,6 @@ def supervised_loss(model, task, problems, device):
     return -reference_logprob(model, task, problems, prompt_tensor(task, problems, device)).mean()
 
 
-def warm_start(model, task, args, device):
-    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers)."""
-    if args.sft_steps == 0:
-        return
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
-    rng = random.Random(f"sft-{args.seed}")
-    for _ in tqdm(range(args.sft_steps), desc="warm start"):
-        loss = supervised_loss(model, task, task.sample_train(args.sft_batch, rng), device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
 def rl_loss(model, task, problems, method, N, generator, device):
     """Sample N completions per prompt, score them, and build the method's loss."""
     prompts = prompt_tensor(task, problems, device)  # (B, Tp)
@@ -485,6 +474,49 @@ def rl_loss(model, task, problems, method, N, generator, device):
     loss = policy_gradient_loss(completion_logprobs(model, prompts, completions, lengths), advantages)
     no_signal = (advantages == 0).all(-1).float().mean()  # groups whose gradient is zero
     return loss, {"reward": rewards.mean().item(), "no_signal": no_signal.item()}
+
+
+class Objective(nn.Module):
+    """One forward = one method's whole loss on a batch (the policy runs several times inside:
+    sampling, prompt, completions). Under torchrun it is wrapped in DistributedDataParallel,
+    which then sees one forward per backward and averages the gradients over the processes;
+    each process holds whole groups, so advantages need no communication."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, method, task, problems, N, generator, device):
+        if method == "ml":
+            return supervised_loss(self.policy, task, problems, device), {}
+        return rl_loss(self.policy, task, problems, method, N, generator, device)
+
+    @staticmethod
+    def for_run(model, args):
+        if args.world == 1:
+            return Objective(model)
+        device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
+        return DistributedDataParallel(Objective(model), device_ids=device_ids, broadcast_buffers=False)
+
+
+def progress(iterable, args, **kwargs):
+    """A tqdm progress bar, on the first process only."""
+    return tqdm(iterable, **kwargs, **({"disable": True} if args.rank else {}))
+
+
+def warm_start(model, task, args, device):
+    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers)."""
+    if args.sft_steps == 0:
+        return
+    objective = Objective.for_run(model, args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    rng = random.Random(f"sft-{args.seed}")
+    for _ in progress(range(args.sft_steps), args, desc="warm start"):
+        problems = task.sample_train(args.sft_batch, rng)[args.rank::args.world]  # this rank's share
+        loss, _ = objective("ml", task, problems, None, None, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 class Stop:
@@ -503,22 +535,29 @@ def fresh_start(init_state, initial_metrics, args, device):
     """Where train_method starts at step 0; a checkpoint holds the same keys at a later step."""
     return {"step": 0, "model": init_state, "optimizer": None,
             "prompt_rng": random.Random(f"prompts-{args.seed}").getstate(),  # same prompts for every method
-            "generator": torch.Generator(device).manual_seed(args.seed).get_state(),  # sampling's own stream
+            "generator": torch.Generator(device).manual_seed(args.seed + 1_000_003 * args.rank).get_state(),
             "curve": [{"step": 0, "rollouts": 0, **initial_metrics}], "window": [], "failures": [],
             "wall_s": 0.0}
 
 
-def train_step(method, model, optimizer, task, problems, args, generator, device):
-    """One on-policy update (or one cross-entropy step for `ml`); returns its statistics."""
-    if method == "ml":
-        loss, stats = supervised_loss(model, task, problems, device), {}
-    else:
-        loss, stats = rl_loss(model, task, problems, method, args.N, generator, device)
+def train_step(method, objective, optimizer, task, problems, args, generator, device):
+    """One on-policy update (or one cross-entropy step for `ml`) on this process's share of the
+    step's prompts; returns its statistics."""
+    loss, stats = objective(method, task, problems[args.rank::args.world], args.N, generator, device)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    loss.backward()  # under torchrun, the gradients are averaged over processes here
+    stats["grad_norm"] = nn.utils.clip_grad_norm_(objective.parameters(), float("inf")).item()
     optimizer.step()
     return stats
+
+
+def stop_everywhere(args, device):
+    """Ctrl-C reaches the processes at slightly different steps: stop when any one has it."""
+    if args.world == 1:
+        return Stop.requested
+    flag = torch.tensor([float(Stop.requested)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_method(method, model, task, args, device, start, ks, save_checkpoint=None):
@@ -528,6 +567,7 @@ def train_method(method, model, task, args, device, start, ks, save_checkpoint=N
     uninterrupted one would. Returns its curve, final metrics and wall time."""
     started = time.time() - start["wall_s"]
     model.load_state_dict(start["model"])
+    objective = Objective.for_run(model, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     if start["optimizer"] is not None:
         optimizer.load_state_dict(start["optimizer"])
@@ -535,11 +575,11 @@ def train_method(method, model, task, args, device, start, ks, save_checkpoint=N
     prompt_rng.setstate(start["prompt_rng"])
     generator.set_state(start["generator"])
     curve, window, failures, step = start["curve"], start["window"], start["failures"], start["step"]
-    progress = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps,
-                    desc=f"{method:>5} N={args.N:<4} seed {args.seed}")
-    for step in progress:
-        problems = task.sample_train(args.batch, prompt_rng)
-        stats = train_step(method, model, optimizer, task, problems, args, generator, device)
+    bar = progress(range(step + 1, args.steps + 1), args, initial=step, total=args.steps,
+                   desc=f"{method:>5} N={args.N:<4} seed {args.seed}")
+    for step in bar:
+        problems = task.sample_train(args.batch, prompt_rng)  # the same on every process
+        stats = train_step(method, objective, optimizer, task, problems, args, generator, device)
         window.append(stats)
         if step % args.eval_every == 0 or step == args.steps:
             metrics, _, failures = evaluate(model, task, ks, seed=args.seed + 1)
@@ -547,13 +587,14 @@ def train_method(method, model, task, args, device, start, ks, save_checkpoint=N
             curve.append({"step": step, "rollouts": step * args.batch * args.N, **metrics,
                           **{f"train_{key}": value for key, value in train_stats.items()}})
             window = []
-        if save_checkpoint and (Stop.requested or (args.ckpt_every and step % args.ckpt_every == 0)):
+        stop = stop_everywhere(args, device)
+        if save_checkpoint and (stop or (args.ckpt_every and step % args.ckpt_every == 0)):
             save_checkpoint({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
                              "curve": curve, "window": window, "failures": failures,
                              "wall_s": time.time() - started})
-        progress.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=curve[-1]["pass@1"])
-        if Stop.requested:
+        bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=curve[-1]["pass@1"])
+        if stop:
             break
     interrupted = step < args.steps
     if interrupted and curve[-1]["step"] != step:  # report the weights it stopped with
@@ -628,6 +669,8 @@ def build_model(args, task):
     """A freshly initialised transformer on the chosen device (TF32 and bf16 autocast on CUDA)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and args.world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     torch.manual_seed(args.seed)
@@ -654,6 +697,11 @@ def save_atomic(state, path):
     os.replace(path.with_suffix(".tmp"), path)
 
 
+def save_rank0(state, path, args):
+    if args.rank == 0:
+        save_atomic(state, path)
+
+
 def shared_start(model, task, args, device):
     """The warm start every method trains from, and its held-out metrics."""
     started = time.time()
@@ -673,7 +721,7 @@ def compare_methods(args):
     else:
         state = {"flags": resumable_flags(args), "shared": shared_start(model, task, args, device),
                  "done": {}, "current": None}
-        save_atomic(state, checkpoint_path)
+        save_rank0(state, checkpoint_path, args)
     shared, results = state["shared"], state["done"]
     p = shared["per_prompt_p"]
     print(f"held-out pass rate after warm start: mean {p.mean():.3f}, quartiles "
@@ -682,12 +730,15 @@ def compare_methods(args):
     for method in [m for m in args.methods if m not in results]:
         resumed = state["current"] if state["current"] and state["current"]["method"] == method else None
         start = resumed["state"] if resumed else fresh_start(shared["init_state"], shared["initial"], args, device)
-        save = lambda current: save_atomic({**state, "current": {"method": method, "state": current}}, checkpoint_path)
+        save = lambda current: save_rank0({**state, "current": {"method": method, "state": current}},
+                                          checkpoint_path, args)
         results[method] = train_method(method, model, task, args, device, start, ks, save)
         if results[method]["interrupted"]:
             break
         state["current"] = None
-        save_atomic(state, checkpoint_path)
+        save_rank0(state, checkpoint_path, args)
+    if args.rank > 0:  # under torchrun only the first process reports and writes
+        return model, None
     summary = write_results(args, model_cfg, device, shared, results, ks)
     if not summary["interrupted"]:
         checkpoint_path.unlink()
@@ -1113,6 +1164,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.task = args.task or ("arith" if args.experiment in EXACT_P_EXPERIMENTS else "nav")
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
     problems = [
         (args.experiment in EXACT_P_EXPERIMENTS and args.task != "arith",
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
@@ -1121,6 +1173,9 @@ def parse_args(argv=None):
          f"--Ns must be comma-separated integers >= 1 (got {args.Ns!r})"),
         (args.seeds < 1, f"--seeds must be >= 1 (got {args.seeds})"),
         (args.ckpt_every < 0, f"--ckpt-every must be >= 0 (got {args.ckpt_every})"),
+        (args.world > 1 and args.experiment != "compare", "torchrun runs the main command (compare) only"),
+        (args.batch % args.world or args.sft_batch % args.world,
+         f"--batch and --sft-batch must divide among the {args.world} processes"),
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
         (args.resume and args.experiment != "compare", "--resume continues the main command (compare) only"),
         (args.paper_size and args.experiment != "scaling", "--paper-size goes with --experiment=scaling"),
@@ -1162,8 +1217,8 @@ def parse_args(argv=None):
         parser.error(f"nothing to resume: {checkpoint} does not exist")
     if args.resume and torch.load(checkpoint, weights_only=False)["flags"] != resumable_flags(args):
         parser.error(f"--resume needs the same flags as the run in {args.out}")
-    if (args.experiment != "bench" and not (args.resume or args.overwrite) and args.out.is_dir()
-            and any(args.out.iterdir())):
+    if (args.experiment != "bench" and not (args.resume or args.overwrite) and args.rank == 0
+            and args.out.is_dir() and any(args.out.iterdir())):
         parser.error(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it")
     return args
 
@@ -1177,9 +1232,13 @@ SWEEPS = ("interpolation", "scaling")  # train every (method, N) in --Ns
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.world > 1:  # launched by torchrun: one process per GPU (nccl) or per CPU slot (gloo)
+        dist.init_process_group("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
     if args.experiment in ("compare", *SWEEPS):  # Ctrl-C: finish the step, save, exit 130
         signal.signal(signal.SIGINT, request_stop)
     EXPERIMENTS[args.experiment](args)
+    if args.world > 1:
+        dist.destroy_process_group()
     if Stop.requested:
         sys.exit(130)
 

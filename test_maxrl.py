@@ -563,3 +563,24 @@ def test_an_out_folder_holding_a_run_is_not_overwritten(tmp_path):
     result = run_cli(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert "methods" in json.loads((tmp_path / "results.json").read_text())
+
+
+def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): each process takes half of every batch and
+    DistributedDataParallel averages the gradients. The warm start and `ml` sample nothing,
+    so there the two runs must agree to float rounding (1e-6 relative); maxrl samples from a
+    per-process random stream, so it only has to run. Only the first process writes."""
+    flags = ["--task=arith", "--methods=ml,maxrl", "--N=4", "--steps=4", "--sft-steps=10",
+             "--eval-prompts=16", "--eval-every=2", "--batch=4", "--sft-batch=8", *TINY[5:]]
+    single = run_cli(*flags, f"--out={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = subprocess.run([*launcher, str(HERE / "maxrl.py"), *flags, f"--out={tmp_path / 'two'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert two["config"]["world"] == 2
+    assert two["initial"]["pass@1"] == pytest.approx(one["initial"]["pass@1"], rel=1e-6)
+    for ours, theirs in zip(two["methods"]["ml"]["curve"], one["methods"]["ml"]["curve"]):
+        assert ours["pass@1"] == pytest.approx(theirs["pass@1"], rel=1e-6)
+    assert double.stdout.count("wrote ") == 1  # the first process only
