@@ -26,7 +26,10 @@ Run (CPU is fine; see README.md for wall times):
     python maxrl.py --experiment=weights                              weight-function figure
     python maxrl.py --experiment=gradnorm                             gradient norm vs pass rate
     python maxrl.py --experiment=gradcos                              cosine to the ML gradient vs N
+    python maxrl.py --experiment=interpolation --single-token        maxrl -> cross-entropy as N grows
+    python maxrl.py --experiment=scaling                              -log pass@k vs N on mazes
     python maxrl.py --bench                                           speed of the fast paths
+    torchrun --standalone --nproc_per_node=2 maxrl.py --task=nav      data parallel (main command)
     pytest                                                            the estimators' proofs
 
 Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation
@@ -456,7 +459,9 @@ def sampled_gradients(model, prompt, target, N, weightings, n_batches, groups, g
 
 # ----------------------------------------------------------------------------------------
 # 6. Training: one shared supervised warm start, then each method from the same weights,
-#    seed and prompt stream, with the same number of sampled rollouts per step.
+#    seed and prompt stream, with the same number of sampled rollouts per step. A method's
+#    whole state can be checkpointed and resumed; Ctrl-C stops it cleanly; under torchrun
+#    each process trains on its share of every batch.
 
 def supervised_loss(model, task, problems, device):
     """-mean log pi(reference | x): the warm start's loss, and exact maximum likelihood
@@ -493,6 +498,7 @@ class Objective(nn.Module):
 
     @staticmethod
     def for_run(model, args):
+        """The objective for this process: plain, or wrapped in DDP under torchrun."""
         if args.world == 1:
             return Objective(model)
         device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
@@ -949,6 +955,14 @@ def train_sweep(args, runs, ks):
     return initial, results
 
 
+def finish_sweep_figure(fig, axes, args, name, title, data):
+    """Legend, a title that says what the bands are, then out/name.png and out/name.json."""
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} mean and range over {args.seeds} seeds", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, args.out, name, data)
+
+
 def save_interrupted_sweep(out, name, data):
     """Ctrl-C during a sweep: keep the finished runs (and the one cut short) as JSON; no figure."""
     out.mkdir(parents=True, exist_ok=True)
@@ -989,11 +1003,8 @@ def interpolation_experiment(args):
             band(ax, steps, [[c[metric] for c in r["curve"]] for r in results[label]], label=label, **style)
         ax.set(xlabel="gradient steps", ylabel=f"held-out {metric} (exact)", yscale="log")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step, "
-                 f"mean and range over {args.seeds} seeds", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, args.out, "interpolation", data)
+    title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
+    finish_sweep_figure(fig, axes, args, "interpolation", title, data)
 
 
 def scaling_experiment(args):
@@ -1019,11 +1030,8 @@ def scaling_experiment(args):
         ax.set_xticks(args.Ns, [str(N) for N in args.Ns])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts; "
-                 f"mean and range over {args.seeds} seeds", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, args.out, "scaling", data)
+    title = f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts;"
+    finish_sweep_figure(fig, axes, args, "scaling", title, data)
 
 
 def median_seconds(fn, device, repeats):
@@ -1165,6 +1173,31 @@ def parse_args(argv=None):
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.task = args.task or ("arith" if args.experiment in EXACT_P_EXPERIMENTS else "nav")
     args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
+    for failed, message in flag_problems(args):
+        if failed:
+            parser.error(message)
+    try:
+        args.task_obj = make_task(args.task, n_test=args.eval_prompts, size=args.size,
+                                  loops=args.loops, digits=args.digits, ops=args.ops,
+                                  single_token=args.single_token)
+    except ValueError as err:
+        parser.error(str(err))
+    args.Ns = sorted(set(int(N) for N in args.Ns.split(",")))
+    default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"
+    args.out = Path(args.out or default_out)
+    checkpoint = args.out / "checkpoint.pt"
+    if args.resume and not checkpoint.exists():
+        parser.error(f"nothing to resume: {checkpoint} does not exist")
+    if args.resume and torch.load(checkpoint, weights_only=False)["flags"] != resumable_flags(args):
+        parser.error(f"--resume needs the same flags as the run in {args.out}")
+    if (args.experiment != "bench" and not (args.resume or args.overwrite) and args.rank == 0
+            and args.out.is_dir() and any(args.out.iterdir())):
+        parser.error(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it")
+    return args
+
+
+def flag_problems(args):
+    """(is it wrong, what to say) for every check on the flags themselves."""
     problems = [
         (args.experiment in EXACT_P_EXPERIMENTS and args.task != "arith",
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
@@ -1200,27 +1233,7 @@ def parse_args(argv=None):
             (method == "rloo" and args.experiment in SWEEPS and "1" in args.Ns.split(","),
              "rloo needs every --Ns >= 2 (leave-one-out baseline)"),
         ]
-    for failed, message in problems:
-        if failed:
-            parser.error(message)
-    try:
-        args.task_obj = make_task(args.task, n_test=args.eval_prompts, size=args.size,
-                                  loops=args.loops, digits=args.digits, ops=args.ops,
-                                  single_token=args.single_token)
-    except ValueError as err:
-        parser.error(str(err))
-    args.Ns = sorted(set(int(N) for N in args.Ns.split(",")))
-    default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"
-    args.out = Path(args.out or default_out)
-    checkpoint = args.out / "checkpoint.pt"
-    if args.resume and not checkpoint.exists():
-        parser.error(f"nothing to resume: {checkpoint} does not exist")
-    if args.resume and torch.load(checkpoint, weights_only=False)["flags"] != resumable_flags(args):
-        parser.error(f"--resume needs the same flags as the run in {args.out}")
-    if (args.experiment != "bench" and not (args.resume or args.overwrite) and args.rank == 0
-            and args.out.is_dir() and any(args.out.iterdir())):
-        parser.error(f"{args.out} already holds a run: --resume continues it, --overwrite replaces it")
-    return args
+    return problems
 
 
 EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment, "gradnorm": gradnorm_experiment,
