@@ -708,11 +708,11 @@ def save_rank0(state, path, args):
         save_atomic(state, path)
 
 
-def shared_start(model, task, args, device):
-    """The warm start every method trains from, and its held-out metrics."""
+def shared_start(model, task, args, device, ks):
+    """The warm start every method trains from, and its held-out metrics (pass@k for k in ks)."""
     started = time.time()
     warm_start(model, task, args, device)
-    initial, per_prompt_p, _ = evaluate(model, task, eval_ks(args.N), seed=args.seed + 1)
+    initial, per_prompt_p, _ = evaluate(model, task, ks, seed=args.seed + 1)
     return {"init_state": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,
             "per_prompt_p": per_prompt_p, "warm_start_s": time.time() - started}
 
@@ -725,7 +725,7 @@ def compare_methods(args):
     if args.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
     else:
-        state = {"flags": resumable_flags(args), "shared": shared_start(model, task, args, device),
+        state = {"flags": resumable_flags(args), "shared": shared_start(model, task, args, device, ks),
                  "done": {}, "current": None}
         save_rank0(state, checkpoint_path, args)
     shared, results = state["shared"], state["done"]
@@ -942,12 +942,11 @@ def train_sweep(args, runs, ks):
     for seed in range(args.seeds):
         seed_args = with_flags(args, seed=seed)
         model, _, device = build_model(seed_args, task)
-        warm_start(model, task, seed_args, device)
-        init_state = {k: v.clone() for k, v in model.state_dict().items()}
-        initial.append(evaluate(model, task, ks, seed=seed + 1)[0])
+        shared = shared_start(model, task, seed_args, device, ks)
+        initial.append(shared["initial"])
         for method, N in runs:
             run_args = with_flags(seed_args, N=N)
-            start = fresh_start(init_state, initial[-1], run_args, device)
+            start = fresh_start(shared["init_state"], shared["initial"], run_args, device)
             result = train_method(method, model, task, run_args, device, start, ks)
             results.setdefault(run_label(method, N), []).append(result)
             if Stop.requested:  # Ctrl-C: keep what is done
