@@ -39,6 +39,7 @@ Sections: 1. estimators  2. model  3. sampling and log-probs  4. evaluation
 
 import argparse
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import toy_tasks
 from toy_tasks import make_task
 
 # ----------------------------------------------------------------------------------------
@@ -511,8 +513,13 @@ def progress(iterable, args, **kwargs):
 
 
 def warm_start(model, task, args, device):
-    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers)."""
+    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers).
+    Its result depends only on the flags in warm_start_key, so it is cached on disk (--cache)."""
     if args.sft_steps == 0:
+        return
+    cache_file = None if args.no_cache else Path(args.cache_dir) / f"warm-start-{warm_start_key(args, device)}.pt"
+    if cache_file and load_cached_weights(model, cache_file):
+        print(f"warm start: loaded from {cache_file} (--no-cache recomputes it)")
         return
     objective = Objective.for_run(model, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
@@ -523,6 +530,36 @@ def warm_start(model, task, args, device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if cache_file:
+        save_rank0(model.state_dict(), cache_file, args)
+
+
+WARM_START_FLAGS = ("task", "size", "loops", "digits", "ops", "single_token", "train_pool", "eval_prompts",
+                    "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed", "world", "compile")
+
+
+def warm_start_key(args, device):
+    """A short hash of everything the warm-started weights depend on: the flags above
+    (eval_prompts fixes the held-out split, which training never draws from), the device type,
+    the torch version, and this code (an edited maxrl.py or toy_tasks.py never reuses old weights)."""
+    code = b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], toy_tasks))
+    depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
+    depends_on |= {"device": device.type, "torch": torch.__version__, "code": hashlib.sha256(code).hexdigest()}
+    return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_cached_weights(model, path):
+    """Load path into model if it holds weights of exactly this model; a missing, partial or
+    corrupt file returns False (and is then rebuilt), never an error."""
+    try:
+        state = torch.load(path, map_location=model.embed.weight.device, weights_only=True)
+        expected = model.state_dict()
+        if state.keys() != expected.keys() or any(state[k].shape != v.shape for k, v in expected.items()):
+            return False
+    except Exception:  # missing, truncated or not a state dict: recompute
+        return False
+    model.load_state_dict(state)
+    return True
 
 
 class Stop:
@@ -753,7 +790,7 @@ def compare_methods(args):
 
 def resumable_flags(args):
     """The flags a resumed run must share with the run it continues."""
-    return {k: v for k, v in flag_record(args).items() if k not in ("resume", "overwrite", "ckpt_every")}
+    return {k: v for k, v in flag_record(args).items() if k not in ("resume", "overwrite", "ckpt_every", "cache_dir", "no_cache")}
 
 
 def write_results(args, model_cfg, device, shared, results, ks):
@@ -1108,6 +1145,9 @@ def build_parser():
     group.add_argument("--task", choices=["nav", "arith"],
                        help="toy task (default: nav to compare, arith for the figures, which need exact p)")
     group.add_argument("--size", type=int, default=7, help="nav: maze side, odd, 5..31 (paper: 17)")
+    group.add_argument("--train-pool", type=int, default=0,
+                       help="train on a fixed pool of this many prompts, epoch after epoch (the paper's "
+                            "data-scarce regime); 0 = a fresh prompt every draw (infinite data)")
     group.add_argument("--loops", type=float, default=0.0,
                        help="nav: fraction of inner walls knocked out, for several shortest paths")
     group.add_argument("--digits", type=int, default=2, help="arith: longest operand, in digits")
@@ -1126,6 +1166,9 @@ def build_parser():
     group.add_argument("--sft-batch", type=int, default=64, help="warm-start batch size")
     group.add_argument("--sft-lr", type=float, default=1e-3, help="warm-start learning rate")
     group.add_argument("--seed", type=int, default=0, help="seeds weights, prompts and sampling")
+    group.add_argument("--cache-dir", default=str(Path(__file__).parent / "runs" / "cache"),
+                       help="where warm-started weights are kept, keyed by every flag they depend on")
+    group.add_argument("--no-cache", action="store_true", help="always recompute the warm start")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto = cuda when available")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -1178,7 +1221,7 @@ def parse_args(argv=None):
     try:
         args.task_obj = make_task(args.task, n_test=args.eval_prompts, size=args.size,
                                   loops=args.loops, digits=args.digits, ops=args.ops,
-                                  single_token=args.single_token)
+                                  single_token=args.single_token, train_pool=args.train_pool)
     except ValueError as err:
         parser.error(str(err))
     args.Ns = sorted(set(int(N) for N in args.Ns.split(",")))
@@ -1204,6 +1247,7 @@ def flag_problems(args):
         (not (re.fullmatch(r"\d+(,\d+)*", args.Ns) and min(map(int, args.Ns.split(","))) >= 1),
          f"--Ns must be comma-separated integers >= 1 (got {args.Ns!r})"),
         (args.seeds < 1, f"--seeds must be >= 1 (got {args.seeds})"),
+        (args.train_pool < 0, f"--train-pool must be >= 0 (got {args.train_pool})"),
         (args.ckpt_every < 0, f"--ckpt-every must be >= 0 (got {args.ckpt_every})"),
         (args.world > 1 and args.experiment != "compare", "torchrun runs the main command (compare) only"),
         (args.batch % args.world or args.sft_batch % args.world,

@@ -187,6 +187,22 @@ def test_train_and_test_splits_are_disjoint(task):
     assert not test_keys & {task.key(p) for p in train}
 
 
+@pytest.mark.parametrize("make", [lambda pool: Navigation(size=9, n_test=16, train_pool=pool),
+                                  lambda pool: Arithmetic(digits=2, n_test=16, train_pool=pool)])
+def test_train_pool_is_the_data_scarce_regime(make):
+    """train_pool=M: training draws come from M fixed problems, never held out, the same M for
+    every call; train_pool=0 (infinite data): 2,000 draws are nearly all distinct problems."""
+    task = make(10)
+    draws = task.sample_train(2000, random.Random(1))
+    keys = {repr(problem) for problem in draws}
+    assert keys == {repr(problem) for problem in task.train_pool} and len(keys) == 10
+    assert not keys & {repr(problem) for problem in task.test_problems}
+    assert task.train_pool == make(10).train_pool  # fixed by the task's seed
+    if isinstance(task, Navigation):  # 9x9: 100,352 grids, each with thousands of start/goal pairs
+        fresh = make(0).sample_train(2000, random.Random(1))
+        assert len({repr(problem) for problem in fresh}) >= 1990
+
+
 def test_impossible_task_settings_are_refused():
     for make in [lambda: Navigation(size=6), lambda: Navigation(size=3),
                  lambda: Navigation(size=5, n_test=4),  # every 5x5 maze held out: none to train on
@@ -563,6 +579,36 @@ def test_an_out_folder_holding_a_run_is_not_overwritten(tmp_path):
     result = run_cli(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert "methods" in json.loads((tmp_path / "results.json").read_text())
+
+
+WARM_CACHED = ["--task=nav", "--size=7", "--N=2", "--methods=maxrl", "--steps=2", "--sft-steps=3",
+               "--eval-prompts=8", "--eval-every=1", "--batch=2", "--n-layer=1", "--n-embd=16", "--n-head=2"]
+
+
+def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
+    """The first run computes the warm start and caches it; a run with other --N/--methods hits
+    the cache (and says so); a truncated cache file is rebuilt, not a crash; a run with other
+    warm-start flags misses. Cached, rebuilt and uncached runs give identical results."""
+    cache = f"--cache-dir={tmp_path / 'cache'}"
+    run = lambda name, *flags: (run_cli(*WARM_CACHED, cache, f"--out={tmp_path / name}", *flags),
+                                tmp_path / name / "results.json")
+    first, first_json = run("first")
+    assert first.returncode == 0 and "loaded from" not in first.stdout, first.stderr
+    [cache_file] = (tmp_path / "cache").iterdir()
+    hit, _ = run("hit", "--N=4", "--methods=rloo")
+    assert hit.returncode == 0 and "warm start: loaded from" in hit.stdout, hit.stderr
+    again, again_json = run("again")
+    uncached, uncached_json = run("uncached", "--no-cache")
+    assert "loaded from" in again.stdout and "loaded from" not in uncached.stdout
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # a partial write
+    rebuilt, rebuilt_json = run("rebuilt")
+    assert rebuilt.returncode == 0 and "loaded from" not in rebuilt.stdout, rebuilt.stderr
+    results = [without_timing(json.loads(path.read_text()))
+               for path in (first_json, again_json, uncached_json, rebuilt_json)]
+    assert all(result == results[0] for result in results)
+    other, _ = run("other", "--sft-steps=4")
+    assert other.returncode == 0 and "loaded from" not in other.stdout
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):

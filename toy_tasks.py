@@ -7,6 +7,7 @@ Both tasks share one small interface, so the trainer in maxrl.py never looks ins
     task.unique_answers                                  True if exactly one completion is correct
     task.test_problems                                   the held-out split (fixed at construction)
     task.sample_train(n, rng)                            n training problems, never a test problem
+    task.train_pool                                      None (infinite data) or the fixed training set
     task.encode_prompt(problem) -> list[int]
     task.reference_completion(problem) -> list[int]      a correct completion (for the warm start)
     task.check(problem, completion) -> (ok, reason)      the verifier; reward = int(ok)
@@ -24,17 +25,23 @@ SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
 
 class Task:
-    """Shared plumbing: vocabulary lookup and the disjoint train/test split."""
+    """Shared plumbing: vocabulary lookup, the disjoint train/test split, and the two data
+    regimes of the paper. Infinite data (train_pool=0, its maze study): every training draw is
+    a fresh random problem. Data-scarce (train_pool=M, its GSM8K study): M training problems
+    are drawn once, and training samples from that fixed pool, epoch after epoch."""
 
     unique_answers = False
 
-    def __init__(self, vocab, n_test, seed):
+    def __init__(self, vocab, n_test, seed, train_pool=0):
         self.vocab = SPECIALS + vocab
         self.token_id = {tok: i for i, tok in enumerate(self.vocab)}
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
         self.test_problems = self._distinct_problems(n_test, random.Random(f"test-{seed}"))
         self._test_keys = {self.key(p) for p in self.test_problems}
+        self.train_pool = None
         self.sample_train(1, random.Random(seed))  # fails now, not mid-run, if none are left
+        if train_pool:
+            self.train_pool = self.sample_train(train_pool, random.Random(f"pool-{seed}"))
 
     def _distinct_problems(self, n, rng):
         problems, keys = [], set()
@@ -49,7 +56,10 @@ class Task:
                          "or a larger task (7x7 has 192 distinct mazes, 5x5 only 4)")
 
     def sample_train(self, n, rng):
-        """n training problems drawn from rng; anything in the held-out split is redrawn."""
+        """n training problems drawn from rng (from the pool, if there is one); anything in the
+        held-out split is redrawn."""
+        if self.train_pool is not None:
+            return [rng.choice(self.train_pool) for _ in range(n)]
         problems = []
         for _ in range(1000 * n):
             if len(problems) == n:
@@ -94,7 +104,7 @@ class Arithmetic(Task):
     unique_answers = True
     OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
-    def __init__(self, digits=2, ops="+", n_test=128, seed=0, single_token=False):
+    def __init__(self, digits=2, ops="+", n_test=128, seed=0, single_token=False, train_pool=0):
         if digits < 1 or not ops or set(ops) - set(self.OPS):
             raise ValueError(f"arith needs digits >= 1 and ops from '+-*' (got {digits}, {ops!r})")
         self.digits, self.ops, self.single_token = digits, ops, single_token
@@ -108,7 +118,7 @@ class Arithmetic(Task):
             answer_tokens = []
             answer_digits = 2 * digits if "*" in ops else digits + 1
             self.max_completion_len = answer_digits + ("-" in ops) + 1
-        super().__init__(list("0123456789+-*=") + answer_tokens, n_test, seed)
+        super().__init__(list("0123456789+-*=") + answer_tokens, n_test, seed, train_pool)
         self.stop_id = self.eos_id
 
     def random_problem(self, rng):
@@ -177,7 +187,7 @@ class Navigation(Task):
     with about 270 start/goal pairs), 9x9 has 100,352.
     """
 
-    def __init__(self, size=7, loops=0.0, n_test=128, seed=0):
+    def __init__(self, size=9, loops=0.0, n_test=128, seed=0, train_pool=0):
         if size < 5 or size % 2 == 0 or size > 31:
             raise ValueError(f"maze size must be odd and in [5, 31] (got {size})")
         if not 0.0 <= loops <= 1.0:
@@ -186,7 +196,7 @@ class Navigation(Task):
         self.prompt_len = 2 + size * (size + 1) + 2
         self.max_completion_len = size * size // 2 + 1  # enough for any shortest path, plus DONE
         names = [WALL, PATH, START, GOAL, "NEWLINE", "GRID_START", "GRID_END", "PATH_START"]
-        super().__init__(names + list(MOVES) + ["DONE"], n_test, seed)
+        super().__init__(names + list(MOVES) + ["DONE"], n_test, seed, train_pool)
         self.stop_id = self.token_id["DONE"]
 
     def random_problem(self, rng):
@@ -273,10 +283,12 @@ def shortest_path(grid, start, goal):
     return moves[::-1]
 
 
-def make_task(name, n_test=128, seed=0, size=7, loops=0.0, digits=2, ops="+", single_token=False):
+def make_task(name, n_test=128, seed=0, size=9, loops=0.0, digits=2, ops="+", single_token=False,
+              train_pool=0):
     """Build a task by CLI name; raises ValueError with a readable message on bad settings."""
     if name == "nav":
-        return Navigation(size=size, loops=loops, n_test=n_test, seed=seed)
+        return Navigation(size=size, loops=loops, n_test=n_test, seed=seed, train_pool=train_pool)
     if name == "arith":
-        return Arithmetic(digits=digits, ops=ops, n_test=n_test, seed=seed, single_token=single_token)
+        return Arithmetic(digits=digits, ops=ops, n_test=n_test, seed=seed, single_token=single_token,
+                          train_pool=train_pool)
     raise ValueError(f"unknown task {name!r} (choose nav or arith)")
