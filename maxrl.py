@@ -17,7 +17,8 @@ them 0/1, weight each completion's log-probability by an advantage) except:
      GRPO divides by the standard deviation instead, RLOO by nothing;
   2. groups with no success (K = 0) contribute nothing (Algorithm 1). This estimator is
      exactly unbiased for J_T with T = N - 1. Keeping the control variate -1 in all-fail
-     groups (`maxrl_order_n`) gives order T = N (Theorem 2);
+     groups (`maxrl_order_n`) gives order T = N (Theorem 2). From the same N rollouts,
+     `maxrl@T` estimates order T for any T <= N (DESIGN.md 2b);
   3. nothing else: no KL, no clipping, no entropy bonus, fully on-policy.
 
 Run (CPU is fine; see README.md for wall times):
@@ -27,6 +28,8 @@ Run (CPU is fine; see README.md for wall times):
     python maxrl.py --experiment=gradnorm                             gradient norm vs pass rate
     python maxrl.py --experiment=gradcos                              cosine to the ML gradient vs N
     python maxrl.py --experiment=interpolation --single-token        maxrl -> cross-entropy as N grows
+    python maxrl.py --experiment=order --single-token                higher order T, or more rollouts N?
+    python maxrl.py --experiment=variance                             gradient variance at equal order
     python maxrl.py --experiment=scaling                              -log pass@k vs N on mazes
     python maxrl.py --bench                                           speed of the fast paths
     torchrun --standalone --nproc_per_node=2 maxrl.py --task=nav      data parallel (main command)
@@ -68,20 +71,57 @@ from toy_tasks import make_task
 #    to advantages (..., N). The gradient estimate for the prompt is (1/N) sum_j A_j S_j with
 #    S_j = grad log pi(z_j | x), the sum of the completion's token log-prob gradients.
 
-ESTIMATORS = {}
+class Estimators(dict):
+    """name -> advantage function. The fixed estimators are stored. A parametrised one,
+    FAMILY@ORDER for a family registered with @family (maxrl@4, passk@16), is built on each
+    lookup and not stored, so iterating gives the fixed set. Unknown names raise ValueError."""
+
+    def __missing__(self, name):
+        family_name, _, order = name.partition("@")
+        if family_name not in FAMILIES:
+            patterns = ", ".join(pattern for pattern, _ in FAMILIES.values())
+            raise ValueError(f"unknown estimator {name!r} (choose from {', '.join(self)}, {patterns})")
+        pattern, advantage_fn = FAMILIES[family_name]
+        letter = pattern.partition("@")[2]
+        if not (order.isascii() and order.isdigit() and int(order) >= 1):
+            raise ValueError(f"{name!r}: {pattern} needs an integer {letter} >= 1")
+        order = int(order)
+
+        def advantage(rewards):
+            if order > rewards.shape[-1]:
+                raise ValueError(f"{name} needs {letter} <= N (got groups of N={rewards.shape[-1]})")
+            return advantage_fn(rewards, order)
+        return binary_only(advantage)
 
 
-def estimator(advantage_fn):
-    """Register an advantage function; it refuses non-binary rewards (MaxRL divides by the mean)."""
+ESTIMATORS = Estimators()
+FAMILIES = {}  # family name -> (pattern, advantage_fn(rewards, order))
+
+
+def binary_only(advantage_fn):
+    """The advantage function, refusing non-binary rewards (MaxRL divides by the mean)."""
 
     @functools.wraps(advantage_fn)
     def checked(rewards):
         if not ((rewards == 0) | (rewards == 1)).all():
             raise ValueError("rewards must be binary (0 or 1): MaxRL divides by the group mean")
         return advantage_fn(rewards)
-
-    ESTIMATORS[advantage_fn.__name__] = checked
     return checked
+
+
+def estimator(advantage_fn):
+    """Register an advantage function under its name."""
+    ESTIMATORS[advantage_fn.__name__] = binary_only(advantage_fn)
+    return ESTIMATORS[advantage_fn.__name__]
+
+
+def family(pattern):
+    """Register advantage_fn(rewards, order) as the family PATTERN = 'name@T' (looked up as name@4)."""
+
+    def register(advantage_fn):
+        FAMILIES[pattern.partition("@")[0]] = (pattern, advantage_fn)
+        return advantage_fn
+    return register
 
 
 @estimator
@@ -117,6 +157,66 @@ def maxrl_order_n(rewards):  # Theorem 2: as maxrl, but A_j = -1 in all-fail gro
     return maxrl(rewards) - all_fail.to(rewards.dtype)  # unbiased for J_T, T = N
 
 
+# The whole family (DESIGN.md 2b): from the same N rollouts, any order T <= N, and pass@k. Each
+# advantage depends on (r_j, K) only: a table over K = 0..N (float64, from subset counts in
+# product form, finite for any N), looked up per group. F = N - K failures; C(a, b) = 0 if b > a.
+
+def all_fail_fractions(n, c, k):
+    """C(n-c, m) / C(n, m) for m = 0..k: the fraction of the m-subsets of n samples, c of them
+    correct, that hold no correct one. Vectorised over c: (...) -> (..., k+1). Product form,
+    stable for large n: C(n-c, m) / C(n, m) = prod_{i<m} (n-c-i) / (n-i)."""
+    c = np.asarray(c, dtype=np.float64)[..., None]  # (..., 1)
+    factors = np.clip((n - c - np.arange(k)) / (n - np.arange(k)), 0.0, None)  # (..., k)
+    return np.concatenate([np.ones_like(c), factors.cumprod(-1)], -1)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (vectorised over c)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n (got k={k}, n={n})")
+    return 1.0 - all_fail_fractions(n, c, k)[..., k]
+
+
+def per_group(table, rewards):
+    """table[K] for each group's number of successes K. table (N+1,), rewards (..., N) -> (..., 1)."""
+    n_success = rewards.sum(-1, keepdim=True).long()  # (..., 1)
+    return torch.as_tensor(table, dtype=rewards.dtype, device=rewards.device)[n_success]
+
+
+@family("passk@k")  # PKPO-style: grad pass@k averaged over all k-subsets of the group
+def pass_at_k_advantage(rewards, k):  # success: k; failure: k [1 - C(F-1, k-1) / C(N-1, k-1)]
+    N = rewards.shape[-1]
+    others_all_fail = all_fail_fractions(N - 1, np.arange(N + 1), k - 1)[:, -1]  # (N+1,) K among N-1
+    failure = k * (1.0 - others_all_fail)  # (N+1,)
+    return torch.where(rewards == 1, float(k), per_group(failure, rewards))  # w = k (1-p)^(k-1)
+
+
+@family("maxrl_u@T")  # U-statistic: sum_{k<=T} (1/k) grad pass@k, minus the constant T - 1
+def maxrl_u_statistic(rewards, T):  # success: 1; failure: -sum_{m=1..T-1} C(F-1, m) / C(N-1, m)
+    N = rewards.shape[-1]
+    others_all_fail = all_fail_fractions(N - 1, np.arange(N + 1), T - 1)  # (N+1, T) m = 0..T-1
+    failure = 1.0 - others_all_fail.sum(-1)  # (N+1,) the m = 0 term is 1
+    return torch.where(rewards == 1, 1.0, per_group(failure, rewards))  # w = (1 - (1-p)^T) / p
+
+
+@family("maxrl@T")  # the paper's 1/K estimator averaged over all T-subsets, minus the mean score
+def maxrl_conditional(rewards, T):  # success: N c_T(K) - 1 = (N / K) pass@T-hat - 1; failure: -1
+    # c_T(K) = (1/C(N,T)) sum_k (1/k) C(K-1, k-1) C(F, T-k) = (1 - C(F,T) / C(N,T)) / K,
+    # since C(K-1, k-1) / k = C(K, k) / K: the unbiased pass@T of the group over K
+    N = rewards.shape[-1]
+    n_success = np.arange(N + 1)  # K
+    success = N * pass_at_k(N, n_success, T) / np.maximum(n_success, 1) - 1  # (N+1,)
+    return torch.where(rewards == 1, per_group(success, rewards), -1.0)  # w = (1 - (1-p)^T) / p
+
+
+def estimator_problem(name, N):
+    """Why ESTIMATORS[name] cannot take groups of N rewards (the message), or None if it can."""
+    try:
+        ESTIMATORS[name](torch.zeros(N))
+    except ValueError as err:
+        return str(err)
+
+
 def policy_gradient_loss(seq_logprob, advantages):
     """-(1/N) sum_j A_j log pi(z_j|x), averaged over prompts. (B, N), (B, N) -> scalar.
 
@@ -146,18 +246,6 @@ def weight(name, p, N):
                  + torch.special.xlogy(k, p_t) + torch.special.xlogy(N - 1 - k, 1 - p_t))
     w = (log_binom.exp() * gain).sum(-1)  # (...)
     return float(w) if np.ndim(p) == 0 else w.numpy()
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (vectorised over c).
-
-    Product form, stable for large n: C(n-c, k) / C(n, k) = prod_{i<k} (n-c-i) / (n-i)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n (got k={k}, n={n})")
-    i = np.arange(k)
-    c = np.asarray(c, dtype=np.float64)
-    all_fail_ratio = np.clip((n - c[..., None] - i) / (n - i), 0.0, None).prod(-1)
-    return 1.0 - all_fail_ratio
 
 
 # ----------------------------------------------------------------------------------------
@@ -825,18 +913,23 @@ def prompts_by_pass_rate(model, task, device):
     return sorted(rows, key=lambda row: row[0])
 
 
-def measure_weights(model, task, args, device, names, n_prompts=5):
-    """w measured on the transformer: the averaged gradient's component along grad p over
-    |grad p|^2, at n_prompts held-out prompts spread evenly in log p over those with p >= 0.01
-    (below that the Monte Carlo noise swamps the measurement).
-    Returns {name: [(p, w, standard error)]}."""
+def prompts_spread_in_log_p(model, task, device, n_prompts):
+    """Up to n_prompts held-out (p, prompt, answer), spread evenly in log p over those with
+    p >= 0.01 (below that the Monte Carlo noise swamps a measurement)."""
     all_rows = prompts_by_pass_rate(model, task, device)
     rows = [row for row in all_rows if row[0] >= 0.01] or all_rows[-n_prompts:]  # tiny test runs
     log_p = np.log([row[0] for row in rows])
     chosen = {int(np.abs(log_p - x).argmin()) for x in np.linspace(log_p[0], log_p[-1], n_prompts)}
+    return [rows[i] for i in sorted(chosen)]
+
+
+def measure_weights(model, task, args, device, names, n_prompts=5):
+    """w measured on the transformer: the averaged gradient's component along grad p over
+    |grad p|^2, at n_prompts held-out prompts spread in log p. Returns {name: [(p, w, standard error)]}."""
     generator = torch.Generator(device).manual_seed(args.seed)
     measured = {name: [] for name in names}
-    for p, prompt, answer in tqdm([rows[i] for i in sorted(chosen)], desc="measuring w"):
+    prompts = prompts_spread_in_log_p(model, task, device, n_prompts)
+    for p, prompt, answer in tqdm(prompts, desc="measuring w"):
         batches = sampled_gradients(model, prompt, answer, args.N,
                                     {name: estimator_weighting(name) for name in names}, n_batches=10,
                                     groups=64, generator=generator, max_len=task.max_completion_len,
@@ -966,6 +1059,44 @@ def gradcos_experiment(args, names=("rloo", "grpo", "maxrl")):
     save_figure(fig, args.out, "gradcos", {"Ns": args.Ns, "p": p.tolist(), "cosines": cosines})
 
 
+def variance_experiment(args, n_batches=32, groups=8):
+    """Gradient variance at equal order T = --T: maxrl@T and maxrl_u@T from N = --N rollouts,
+    maxrl_order_n from N = T and maxrl from N = T + 1 (all unbiased for J_T), and maxrl from N
+    (order N - 1). On --batch held-out prompts of the warm-started arith model (spread in log
+    p), one update's gradient g = mean_x g_x takes one group of N per prompt; its relative
+    variance is E|g - E g|^2 / |E g|^2 = sum_x Var[g_x] / |sum_x w_N(p_x) grad p_x|^2, with
+    Var[g_x] (summed over parameters) from n_batches batches of `groups` groups and the exact
+    mean from weight(). Times N: the same at equal rollouts (variance goes as 1 / groups)."""
+    task, N, T = args.task_obj, args.N, args.T
+    rows = list(dict.fromkeys([(f"maxrl@{T}", N, T), (f"maxrl_u@{T}", N, T), ("maxrl_order_n", T, T),
+                               ("maxrl", T + 1, T), ("maxrl", N, N - 1)]))  # (name, N, order)
+    model, _, device = build_model(args, task)
+    warm_start(model, task, args, device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    prompts = prompts_spread_in_log_p(model, task, device, args.batch)
+    variance, mean_grad = dict.fromkeys(rows, 0.0), dict.fromkeys(rows, 0.0)
+    for p, prompt, answer in tqdm(prompts, desc="gradient variance"):
+        grad_p = flat_grad(target_pass_rate(model, prompt, answer), model)
+        for size in sorted({row[1] for row in rows}):  # the rows with this N share rollouts
+            weightings = {row: estimator_weighting(row[0]) for row in rows if row[1] == size}
+            batches = sampled_gradients(model, prompt, answer, size, weightings, n_batches, groups,
+                                        generator, task.max_completion_len, task.stop_id)
+            for row, grads in batches.items():  # grads (n_batches, n_params), each a mean of `groups`
+                variance[row] += groups * grads.var(0).sum().item()  # one group's estimate
+                mean_grad[row] += weight(row[0], p, size) * grad_p  # exact E g_x
+    table = [{"estimator": row[0], "N": row[1], "order": row[2],
+              "relative_variance": variance[row] / mean_grad[row].square().sum().item()} for row in rows]
+    print(f"relative variance of one update's gradient ({len(prompts)} prompts, one group each)\n"
+          "| estimator | N | order T | relative variance | x N (equal rollouts) |\n|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['estimator']} | {r['N']} | {r['order']} | {r['relative_variance']:.3g} "
+              f"| {r['relative_variance'] * r['N']:.3g} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = {"config": flag_record(args), "p": [row[0] for row in prompts], "rows": table}
+    (args.out / "variance.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {args.out}/variance.json")
+
+
 def with_flags(args, **changes):
     """A copy of the parsed flags with some changed (one run of a sweep)."""
     return argparse.Namespace(**{**vars(args), **changes})
@@ -973,7 +1104,7 @@ def with_flags(args, **changes):
 
 def train_sweep(args, runs, ks):
     """Train each (method, N) in runs from one shared start per seed (seeds 0 .. --seeds-1),
-    on the same prompt stream and steps: the engine of the interpolation and scaling
+    on the same prompt stream and steps: the engine of the interpolation, order and scaling
     experiments. Returns the start's metrics per seed and {label: [one result per seed]}."""
     task, initial, results = args.task_obj, [], {}
     for seed in range(args.seeds):
@@ -1017,6 +1148,20 @@ def band(ax, x, per_seed, **style):
     ax.fill_between(x, per_seed.min(0), per_seed.max(0), color=line.get_color(), alpha=0.15, lw=0)
 
 
+def curve_bands(ax, results, metric, styles):
+    """A band per run of a sweep (styles {label: plot style}): held-out metric against steps."""
+    for label, style in styles.items():
+        steps = [c["step"] for c in results[label][0]["curve"]]
+        band(ax, steps, [[c[metric] for c in r["curve"]] for r in results[label]], label=label, **style)
+    ax.set(xlabel="gradient steps", ylabel=f"held-out {metric} (exact)", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+
+
+def shade(i, n):
+    """The i-th of n colours, light to dark along viridis: a family of runs ordered by N or T."""
+    return colormap("viridis")(0.85 * i / max(n - 1, 1))
+
+
 def interpolation_experiment(args):
     """The paper's classification figure at toy scale: ml (exact cross-entropy) and maxrl at
     every N in --Ns, rloo and grpo at the largest N, all from the same start (no warm start:
@@ -1028,19 +1173,41 @@ def interpolation_experiment(args):
     data = {"config": flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
     if Stop.requested:
         return save_interrupted_sweep(args.out, "interpolation", data)
+    styles = {run_label(method, N): {"color": "k", "lw": 2} if method == "ml" else
+              {"color": shade(args.Ns.index(N), len(args.Ns))} if method == "maxrl" else
+              {"color": "C3" if method == "rloo" else "C1", "ls": "--"} for method, N in runs}
     fig, axes = new_figure(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
-        for method, N in runs:
-            label = run_label(method, N)
-            steps = [c["step"] for c in results[label][0]["curve"]]
-            style = ({"color": "k", "lw": 2} if method == "ml" else
-                     {"color": colormap("viridis")(0.85 * args.Ns.index(N) / max(len(args.Ns) - 1, 1))}
-                     if method == "maxrl" else {"color": "C3" if method == "rloo" else "C1", "ls": "--"})
-            band(ax, steps, [[c[metric] for c in r["curve"]] for r in results[label]], label=label, **style)
-        ax.set(xlabel="gradient steps", ylabel=f"held-out {metric} (exact)", yscale="log")
-        ax.grid(alpha=0.3, which="both")
+        curve_bands(ax, results, metric, styles)
     title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
     finish_sweep_figure(fig, axes, args, "interpolation", title, data)
+
+
+def order_experiment(args):
+    """At equal rollouts, does a higher order help; at equal order, do more rollouts help?
+    On single-token arith from scratch (as interpolation): maxrl@T for each T in --Ts at
+    N = --N (top row), and maxrl@T at T = --T for each N in --Ns (bottom row), beside ml, all
+    from the same start with the same prompts and steps. Held-out exact pass@1 and pass@64
+    against steps; mean and range over --seeds seeds."""
+    ks = eval_ks(64)
+    rows = {f"N = {args.N} rollouts, order T varies": [(f"maxrl@{T}", args.N) for T in args.Ts],
+            f"order T = {args.T}, rollouts N vary": [(f"maxrl@{args.T}", N) for N in args.Ns]}
+    runs = list(dict.fromkeys([("ml", args.N), *itertools.chain(*rows.values())]))  # a run in both: once
+    initial, results = train_sweep(args, runs, ks)
+    data = {"config": flag_record(args), "N": args.N, "Ts": args.Ts, "T": args.T, "Ns": args.Ns,
+            "ks": ks, "initial": initial, "runs": results}
+    if Stop.requested:
+        return save_interrupted_sweep(args.out, "order", data)
+    fig, axes = new_figure(2, 2, figsize=(11, 8))
+    for row_axes, (title, row_runs) in zip(axes, rows.items()):
+        styles = {"ml": {"color": "k", "lw": 2}} | {run_label(method, N): {"color": shade(i, len(row_runs))}
+                                                    for i, (method, N) in enumerate(row_runs)}
+        for ax, metric in zip(row_axes, ["pass@1", f"pass@{max(ks)}"]):
+            curve_bands(ax, results, metric, styles)
+            ax.set_title(title, fontsize=9)
+    axes[1, 0].legend(fontsize=8)
+    title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
+    finish_sweep_figure(fig, axes[:, 0], args, "order", title, data)
 
 
 def scaling_experiment(args):
@@ -1156,7 +1323,8 @@ def build_parser():
                        help="arith: the answer is one token, one per possible result (classification)")
     group = parser.add_argument_group("training")
     group.add_argument("--methods", default="rloo,grpo,maxrl",
-                       help=f"comma-separated, from {', '.join(ESTIMATORS)} and ml (arith only)")
+                       help=f"comma-separated, from {', '.join(ESTIMATORS)}, ml (arith only) and "
+                            + ", ".join(pattern for pattern, _ in FAMILIES.values()) + " (e.g. maxrl@4)")
     group.add_argument("--N", type=int, default=16, help="rollouts per prompt (group size)")
     group.add_argument("--steps", type=int, default=100, help="RL steps per method")
     group.add_argument("--batch", type=int, default=16, help="prompts per RL step")
@@ -1185,8 +1353,11 @@ def build_parser():
                        help="compare: continue the interrupted run in --out, from its checkpoint")
     group.add_argument("--ckpt-every", type=int, default=25,
                        help="compare: checkpoint every this many steps (0 = only on Ctrl-C)")
-    group = parser.add_argument_group("sweeps (--experiment=interpolation, scaling, gradcos)")
+    group = parser.add_argument_group("sweeps and orders (interpolation, scaling, gradcos, order, variance)")
     group.add_argument("--Ns", default="4,16,64,256", help="comma-separated rollouts per prompt to sweep")
+    group.add_argument("--Ts", default="1,4,16,64,256", help="order: the orders T of maxrl@T to sweep at --N")
+    group.add_argument("--T", type=int, default=4,
+                       help="order: the order of maxrl@T at every --Ns; variance: the order compared")
     group.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1, each from its own start")
     group.add_argument("--paper-size", action="store_true",
                        help="scaling: the paper's maze setting (17x17, 3M parameters, N up to 128; a GPU)")
@@ -1195,6 +1366,7 @@ def build_parser():
 
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
     "interpolation": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "Ns": "4,16,64,256,1024"},
+    "order": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
     "scaling": {"Ns": "4,8,16,32,64", "steps": 50, "batch": 6, "eval_every": 1000, "eval_prompts": 48},
 }
 PAPER_SIZE = {"size": 17, "n_embd": 256, "sft_steps": 1500, "sft_lr": 5e-4, "sft_batch": 32, "lr": 1e-4,
@@ -1224,7 +1396,7 @@ def parse_args(argv=None):
                                   single_token=args.single_token, train_pool=args.train_pool)
     except ValueError as err:
         parser.error(str(err))
-    args.Ns = sorted(set(int(N) for N in args.Ns.split(",")))
+    args.Ns, args.Ts = sorted(set(int_list(args.Ns))), sorted(set(int_list(args.Ts)))
     default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"
     args.out = Path(args.out or default_out)
     checkpoint = args.out / "checkpoint.pt"
@@ -1238,14 +1410,20 @@ def parse_args(argv=None):
     return args
 
 
+def int_list(text):
+    """'4,16,64' -> [4, 16, 64]; [] if it is not a comma-separated list of integers."""
+    return [int(x) for x in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else []
+
+
 def flag_problems(args):
     """(is it wrong, what to say) for every check on the flags themselves."""
+    Ns, Ts = int_list(args.Ns), int_list(args.Ts)
     problems = [
         (args.experiment in EXACT_P_EXPERIMENTS and args.task != "arith",
          f"--experiment={args.experiment} needs exact pass rates: use --task=arith"),
         (args.N < 1, f"--N must be >= 1 (got {args.N})"),
-        (not (re.fullmatch(r"\d+(,\d+)*", args.Ns) and min(map(int, args.Ns.split(","))) >= 1),
-         f"--Ns must be comma-separated integers >= 1 (got {args.Ns!r})"),
+        (not Ns or min(Ns) < 1, f"--Ns must be comma-separated integers >= 1 (got {args.Ns!r})"),
+        (not Ts or min(Ts) < 1, f"--Ts must be comma-separated integers >= 1 (got {args.Ts!r})"),
         (args.seeds < 1, f"--seeds must be >= 1 (got {args.seeds})"),
         (args.train_pool < 0, f"--train-pool must be >= 0 (got {args.train_pool})"),
         (args.ckpt_every < 0, f"--ckpt-every must be >= 0 (got {args.ckpt_every})"),
@@ -1265,25 +1443,29 @@ def flag_problems(args):
         (min(args.n_layer, args.n_head, args.n_embd) < 1 or args.n_embd % (2 * args.n_head),
          "--n-embd must be a positive multiple of 2 x --n-head"),
         (args.device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no GPU is visible"),
+        ("ml" in args.methods and args.task != "arith",
+         "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
     ]
-    for method in args.methods:
-        problems += [
-            (method not in ESTIMATORS and method != "ml",
-             f"unknown method {method!r} (choose from {', '.join(ESTIMATORS)}, ml)"),
-            (method == "ml" and args.task != "arith",
-             "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
-            (method == "rloo" and args.N < 2, "rloo needs --N >= 2 (leave-one-out baseline)"),
-            (method == "rloo" and args.experiment in SWEEPS and "1" in args.Ns.split(","),
-             "rloo needs every --Ns >= 2 (leave-one-out baseline)"),
-        ]
+    if any(failed for failed, _ in problems):
+        return problems  # the estimator checks below need valid group sizes
+    group_size = min(Ns) if args.experiment in SWEEPS else args.N
+    uses = [("--methods", method, group_size) for method in args.methods if method != "ml"]
+    if args.experiment == "order":
+        uses += [("--Ts", f"maxrl@{T}", args.N) for T in Ts] + [("--T", f"maxrl@{args.T}", group_size)]
+    if args.experiment == "variance":
+        uses += [("--T", f"maxrl@{args.T}", args.N)]
+    for flag, name, N in uses:
+        why = estimator_problem(name, N)
+        problems.append((why is not None, f"{flag}: {why}"))
     return problems
 
 
 EXPERIMENTS = {"compare": compare_methods, "weights": weights_experiment, "gradnorm": gradnorm_experiment,
-               "gradcos": gradcos_experiment, "interpolation": interpolation_experiment,
+               "gradcos": gradcos_experiment, "variance": variance_experiment,
+               "interpolation": interpolation_experiment, "order": order_experiment,
                "scaling": scaling_experiment, "bench": benchmark}
-EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "interpolation")  # need p by teacher forcing
-SWEEPS = ("interpolation", "scaling")  # train every (method, N) in --Ns
+EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "variance", "interpolation", "order")  # exact p
+SWEEPS = ("interpolation", "order", "scaling")  # train runs over --Ns with train_sweep
 
 
 def main(argv=None):

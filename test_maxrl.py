@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,10 @@ HERE = Path(__file__).parent
 
 # ---------------------------------------------------------------- estimators: shapes and edges
 
-@pytest.mark.parametrize("name", ESTIMATORS)
+FAMILY_EXAMPLES = ["passk@3", "maxrl_u@3", "maxrl@3"]  # parametrised members (DESIGN.md 2b)
+
+
+@pytest.mark.parametrize("name", [*ESTIMATORS, *FAMILY_EXAMPLES])
 @pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 8)])
 def test_advantage_shape(name, shape):
     rewards = torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(0)).float()
@@ -62,7 +66,7 @@ def test_single_sample_groups(name):
             assert advantages.abs().max() == 0
 
 
-@pytest.mark.parametrize("name", ESTIMATORS)
+@pytest.mark.parametrize("name", [*ESTIMATORS, *FAMILY_EXAMPLES])
 def test_statistics_are_per_group_not_per_batch(name):
     rewards = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
     row_by_row = torch.stack([ESTIMATORS[name](row) for row in rewards])
@@ -71,11 +75,26 @@ def test_statistics_are_per_group_not_per_batch(name):
     assert torch.allclose(ESTIMATORS[name](rewards[:1]), row_by_row[:1])
 
 
-@pytest.mark.parametrize("name", ESTIMATORS)
+@pytest.mark.parametrize("name", [*ESTIMATORS, *FAMILY_EXAMPLES])
 @pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, float("nan")])
 def test_non_binary_rewards_are_refused(name, bad):
     with pytest.raises(ValueError, match="binary"):
         ESTIMATORS[name](torch.tensor([1.0, 0.0, bad, 1.0]))
+
+
+def test_bad_estimator_names_raise_value_error():
+    """Malformed names, an order below 1, an unknown family, and an order above the group size
+    raise ValueError with a message that says why; parametrised names are not stored."""
+    for name in ["maxrl@", "maxrl@x", "maxrl@1.5", "maxrl@ 3", "passk@0", "maxrl@0", "maxrl_u@-2",
+                 "foo@3"]:
+        with pytest.raises(ValueError, match="integer|unknown estimator"):
+            ESTIMATORS[name]
+    for name in ["maxrl@5", "maxrl_u@5", "passk@5"]:
+        with pytest.raises(ValueError, match="<= N"):
+            ESTIMATORS[name](torch.zeros(4))
+        assert maxrl.estimator_problem(name, 4) and maxrl.estimator_problem(name, 5) is None
+    assert maxrl.estimator_problem("foo@3", 4).startswith("unknown estimator")
+    assert list(ESTIMATORS) == ["reinforce", "rloo", "grpo", "maxrl", "maxrl_order_n"]
 
 
 def test_loss_is_sequence_sum_over_n_then_prompt_mean():
@@ -301,10 +320,34 @@ def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
         assert len(per_seed) == 2 and [c["step"] for c in per_seed[0]["curve"]] == [0, 1, 2]
 
 
+def test_order_experiment_runs_at_a_tiny_size(tmp_path):
+    result = run_cli("--experiment=order", "--single-token", "--N=4", "--Ts=1,4", "--T=2", "--Ns=2,4",
+                     "--seeds=2", "--digits=1", *TINY, f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "order.png").stat().st_size > 0
+    sweep = json.loads((tmp_path / "order.json").read_text())
+    assert set(sweep["runs"]) == {"ml", "maxrl@1 N=4", "maxrl@4 N=4", "maxrl@2 N=2", "maxrl@2 N=4"}
+    for per_seed in sweep["runs"].values():
+        assert len(per_seed) == 2 and [c["step"] for c in per_seed[0]["curve"]] == [0, 1, 2]
+
+
+def test_variance_experiment_runs_at_a_tiny_size(tmp_path):
+    result = run_cli("--experiment=variance", "--N=4", "--T=2", "--digits=1", *TINY[1:],
+                     f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "| maxrl_u@2 | 4 | 2 |" in result.stdout
+    rows = json.loads((tmp_path / "variance.json").read_text())["rows"]
+    assert [(r["estimator"], r["N"], r["order"]) for r in rows] == [
+        ("maxrl@2", 4, 2), ("maxrl_u@2", 4, 2), ("maxrl_order_n", 2, 2), ("maxrl", 3, 2), ("maxrl", 4, 3)]
+    assert all(math.isfinite(r["relative_variance"]) and r["relative_variance"] > 0 for r in rows)
+
+
 def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
     parse = lambda *flags: maxrl.parse_args([*flags, f"--out={tmp_path / 'out'}"])
     assert parse("--experiment=interpolation").sft_steps == 0
     assert parse("--experiment=interpolation", "--sft-steps=30").sft_steps == 30
+    assert parse("--experiment=order").N == 256
+    assert parse("--experiment=order", "--N=64", "--Ts=1,4").N == 64
     assert parse("--experiment=scaling", "--paper-size").size == 17
     assert parse("--experiment=scaling", "--paper-size", "--size=9").size == 9
     assert parse().sft_steps == 400
@@ -324,6 +367,7 @@ def test_bench_prints_the_two_speedups():
     ["--single-token"], ["--Ns=0,4"], ["--Ns=4,x"], ["--seeds=0"], ["--paper-size"],
     ["--experiment=scaling", "--Ns=1,4"], ["--experiment=interpolation", "--task=nav"],
     ["--resume"], ["--resume", "--overwrite"], ["--experiment=scaling", "--resume"], ["--ckpt-every=-1"],
+    ["--methods=maxrl@x"], ["--methods=rloo,passk@17"],
 ] + ([["--device=cuda"]] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2_with_one_line(tmp_path, flags):
     out = tmp_path / "out"
@@ -332,6 +376,22 @@ def test_bad_input_exits_2_with_one_line(tmp_path, flags):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--methods=maxrl@"], ["--methods=passk@0"], ["--methods=foo@3"], ["--methods=maxrl_u@-1"],
+    ["--methods=maxrl@17"], ["--N=4", "--methods=maxrl,passk@5"],
+    ["--experiment=scaling", "--Ns=4,16", "--methods=maxrl@8"],
+    ["--experiment=order", "--Ts=1,512"], ["--experiment=order", "--T=8", "--Ns=4,16"],
+    ["--experiment=order", "--Ts=1,x"], ["--experiment=variance", "--T=17"],
+    ["--experiment=variance", "--T=0"],
+])
+def test_bad_input_for_parametrised_estimators_exits_2_with_one_line(tmp_path, capsys, flags):
+    """As test_bad_input_exits_2_with_one_line, in-process (parse_args, no subprocess): fast."""
+    with pytest.raises(SystemExit) as exit_info:
+        maxrl.parse_args([*flags, f"--out={tmp_path / 'out'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
 
 
 # ---------------------------------------------------------------- unbiasedness
@@ -417,6 +477,101 @@ def test_pass_at_k_is_unbiased(p):
         assert (binom * pass_at_k(n, c, k)).sum() == pytest.approx(1 - (1 - p) ** k, abs=1e-12)
 
 
+# ---------------------------------------------------------------- the family: any order T <= N, pass@k
+
+FAMILY_WEIGHT = {  # DESIGN.md 2b: the closed-form weight of family@order, whatever N >= order
+    "passk": lambda p, k: k * (1 - p) ** (k - 1),  # grad pass@k = k (1-p)^(k-1) grad p
+    "maxrl_u": lambda p, T: (1 - (1 - p) ** T) / p,  # grad J_T
+    "maxrl": lambda p, T: (1 - (1 - p) ** T) / p,
+}
+
+
+def claimed_weight(name, p, N):
+    """The closed-form weight name is claimed to be unbiased for (KeyError for grpo)."""
+    family, _, order = name.partition("@")
+    return FAMILY_WEIGHT[family](p, int(order)) if order else CLAIMED_WEIGHT[name](p, N)
+
+
+def design_advantage(family, order, N, K, success):
+    """DESIGN.md 2b's table, in exact fractions (C(a, b) = 0 when b > a or b < 0)."""
+    comb = lambda a, b: math.comb(a, b) if 0 <= b <= a else 0
+    F = N - K
+    others_all_fail = lambda m: Fraction(comb(F - 1, m), comb(N - 1, m))  # C(F-1, m) / C(N-1, m)
+    if family == "passk":
+        return order if success else order * (1 - others_all_fail(order - 1))
+    if family == "maxrl_u":
+        return 1 if success else -sum(others_all_fail(k - 1) for k in range(2, order + 1))
+    c = sum(Fraction(comb(K - 1, k - 1) * comb(F, order - k), k * comb(N, order))
+            for k in range(1, min(order, K) + 1))  # c_{T,N}(K), 0 at K = 0
+    return N * c - 1 if success else -1
+
+
+def test_estimator_family_matches_the_design_table():
+    """Every advantage of passk@k, maxrl_u@T and maxrl@T, for every N <= 8, order <= N and
+    number of successes K, equals DESIGN.md 2b's formula in exact fractions, to 1e-12."""
+    for N, family in itertools.product(range(1, 9), FAMILY_WEIGHT):
+        rewards = (torch.arange(N) < torch.arange(N + 1)[:, None]).double()  # (N+1, N) row K: K successes
+        for order in range(1, N + 1):
+            advantages = ESTIMATORS[f"{family}@{order}"](rewards)
+            expected = torch.tensor([[float(design_advantage(family, order, N, K, j < K)) for j in range(N)]
+                                     for K in range(N + 1)], dtype=torch.float64)  # (N+1, N)
+            assert torch.allclose(advantages, expected, atol=1e-12, rtol=0), (family, order, N)
+
+
+@pytest.mark.parametrize("N", [2, 3, 5])
+def test_exact_enumeration_matches_weight_for_every_order(N):
+    """No Monte Carlo: for every order 1..N of each family, the exact expectation over all 5^N
+    outcome tuples equals weight(name, p, N) grad p to 1e-10, and weight equals the closed
+    form of DESIGN.md 2b to 1e-12."""
+    logits = torch.tensor([0.3, -0.5, 1.2, 0.1, -1.0], dtype=torch.float64)
+    correct = torch.tensor([1.0, 0, 1, 0, 0], dtype=torch.float64)
+    for family, order in itertools.product(FAMILY_WEIGHT, range(1, N + 1)):
+        name = f"{family}@{order}"
+        expected_grad, probs, score = maxrl.exact_group_gradient(name, logits, correct, N)
+        p = float((probs * correct).sum())
+        grad_p = (correct * probs) @ score
+        assert torch.allclose(expected_grad, weight(name, p, N) * grad_p, atol=1e-10, rtol=0), name
+        assert weight(name, p, N) == pytest.approx(FAMILY_WEIGHT[family](p, order), abs=1e-12), name
+
+
+@pytest.mark.parametrize("N", [2, 8, 64, 1024])
+def test_order_and_pass_at_k_weight_closed_forms(N):
+    """weight() of each family at orders 1, 2, N/4, N - 1, N equals its closed form on a grid
+    of p in [0.01, 1], to 1e-9 relative (float64 sums of up to 1024 Binomial terms)."""
+    for family, order in itertools.product(FAMILY_WEIGHT, sorted({1, 2, N // 4, N - 1, N} - {0})):
+        closed_form = FAMILY_WEIGHT[family](P_GRID, order)
+        assert np.allclose(weight(f"{family}@{order}", P_GRID, N), closed_form, rtol=1e-9, atol=1e-12)
+
+
+def test_order_t_advantages_are_finite_up_to_n_1024():
+    """N = 1024, T = 256 and 1024: every K = 0..N gives finite advantages (float32 and float64),
+    and maxrl@1024 equals maxrl_order_n (1e-12 in float64)."""
+    rewards = (torch.arange(1024) < torch.arange(1025)[:, None]).double()  # (1025, 1024) row K: K successes
+    for name in ["passk@256", "maxrl_u@256", "maxrl@256", "passk@1024", "maxrl_u@1024", "maxrl@1024"]:
+        for dtype in (torch.float64, torch.float32):
+            assert torch.isfinite(ESTIMATORS[name](rewards.to(dtype))).all(), (name, dtype)
+    order_n = ESTIMATORS["maxrl_order_n"](rewards)
+    assert torch.allclose(ESTIMATORS["maxrl@1024"](rewards), order_n, atol=1e-12)
+
+
+def test_maxrl_at_n_is_maxrl_order_n():
+    """maxrl@N gives the advantages of maxrl_order_n for every reward pattern with N <= 8
+    (all 2^N), to float64 rounding (1e-12)."""
+    for N in range(1, 9):
+        rewards = torch.tensor(list(itertools.product([0.0, 1.0], repeat=N)), dtype=torch.float64)  # (2^N, N)
+        assert torch.allclose(ESTIMATORS[f"maxrl@{N}"](rewards), ESTIMATORS["maxrl_order_n"](rewards),
+                              atol=1e-12, rtol=0)
+
+
+def test_order_one_has_weight_one():
+    """T = 1 is RL: maxrl@1 and maxrl_u@1 have weight 1 at every N (1e-12); passk@1 is reinforce."""
+    for N in [1, 2, 7, 64]:
+        for name in ["maxrl@1", "maxrl_u@1", "passk@1"]:
+            assert np.allclose(weight(name, P_GRID, N), 1.0, atol=1e-12, rtol=0), (name, N)
+    rewards = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 0, 0, 0]])
+    assert torch.equal(ESTIMATORS["passk@1"](rewards), ESTIMATORS["reinforce"](rewards))
+
+
 # ---------------------------------------------------------------- the real transformer
 
 @pytest.fixture(scope="module")
@@ -453,6 +608,9 @@ def z_scores(batches, expected):
     return t_along.item(), (orth.mean(0).square().sum() / (orth_var / M + floor)).item()
 
 
+ON_THE_TRANSFORMER = ["maxrl@2", "maxrl_u@2", "passk@2", "passk@3"]  # N = 4: 1 < T = 2 < N - 1
+
+
 @pytest.fixture(scope="module", params=["answer", "first digit"])
 def sampled(request, arith_setup):
     """Monte Carlo gradients of every estimator, on the same rollouts. Success is the task's
@@ -460,7 +618,8 @@ def sampled(request, arith_setup):
     succeed, "the completion starts with 1"; p is exact by teacher forcing in both cases."""
     task, model, prompt, answer = arith_setup
     target = answer if request.param == "answer" else answer[:1]
-    N, weightings = 4, {name: maxrl.estimator_weighting(name) for name in ESTIMATORS}
+    N = 4
+    weightings = {name: maxrl.estimator_weighting(name) for name in [*ESTIMATORS, *ON_THE_TRANSFORMER]}
     weightings["success_mean"] = lambda rewards: rewards / rewards.sum().clamp(min=1)  # Theorem 1
     batches = maxrl.sampled_gradients(model, prompt, target, N, weightings, n_batches=20,
                                       groups=250, generator=torch.Generator().manual_seed(0),
@@ -469,11 +628,11 @@ def sampled(request, arith_setup):
     return N, p.item(), maxrl.flat_grad(p, model), batches
 
 
-@pytest.mark.parametrize("name", ESTIMATORS)
+@pytest.mark.parametrize("name", [*ESTIMATORS, *ON_THE_TRANSFORMER])
 def test_estimators_unbiased_on_the_transformer(sampled, name):
     """Each estimator's gradient on the real model (1-digit addition, N = 4), averaged over
     20 batches of 250 independent groups, matches w_N(p) grad p (grad p by autograd), with
-    the claimed closed-form w where there is one.
+    the claimed closed-form w where there is one (order T = 2 for maxrl@2 and maxrl_u@2).
 
     Along grad p: a t statistic with 19 degrees of freedom; |t| < 5 fails by chance with
     probability below 1e-4. Orthogonal to grad p: under the claim the mean is zero and the
@@ -481,7 +640,7 @@ def test_estimators_unbiased_on_the_transformer(sampled, name):
     chance with probability below 1% even if all the noise lived in one dimension, far less
     with many. Seeds are fixed, so the outcome is deterministic."""
     N, p, grad_p, batches = sampled
-    expected = float(CLAIMED_WEIGHT[name](p, N) if name in CLAIMED_WEIGHT else weight(name, p, N))
+    expected = float(weight(name, p, N) if name == "grpo" else claimed_weight(name, p, N))
     t_along, orth_ratio = z_scores(batches[name], expected * grad_p)
     assert abs(t_along) < 5, f"{name}: component along grad p off by {t_along:.1f} sd"
     assert orth_ratio < 9, f"{name}: orthogonal part {orth_ratio:.1f}x its noise level"
