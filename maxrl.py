@@ -23,12 +23,13 @@ them 0/1, weight each completion's log-probability by an advantage) except:
 
 Run (CPU is fine; see README.md for wall times):
     python maxrl.py --task=nav --N=16                                 rloo, grpo, maxrl side by side
+    python maxrl.py --task=nav --N=16 --train-pool=64                 the same, data-scarce regime
     python maxrl.py --task=arith --methods=ml,maxrl,grpo,rloo --N=16  ml = exact cross-entropy
     python maxrl.py --experiment=weights                              weight-function figure
     python maxrl.py --experiment=gradnorm                             gradient norm vs pass rate
     python maxrl.py --experiment=gradcos                              cosine to the ML gradient vs N
     python maxrl.py --experiment=interpolation --single-token        maxrl -> cross-entropy as N grows
-    python maxrl.py --experiment=order --single-token                higher order T, or more rollouts N?
+    python maxrl.py --experiment=order                                higher order T, or more rollouts N?
     python maxrl.py --experiment=variance                             gradient variance at equal order
     python maxrl.py --experiment=scaling                              -log pass@k vs N on mazes
     python maxrl.py --bench                                           speed of the fast paths
@@ -602,11 +603,11 @@ def progress(iterable, args, **kwargs):
 
 def warm_start(model, task, args, device):
     """Supervised fine-tuning on reference completions (BFS shortest paths, true answers).
-    Its result depends only on the flags in warm_start_key, so it is cached on disk (--cache)."""
+    Its result depends only on what warm_start_key hashes, so it is cached on disk."""
     if args.sft_steps == 0:
         return
-    cache_file = None if args.no_cache else Path(args.cache_dir) / f"warm-start-{warm_start_key(args, device)}.pt"
-    if cache_file and load_cached_weights(model, cache_file):
+    cache_file = Path(args.cache_dir) / f"warm-start-{warm_start_key(args, device)}.pt"
+    if not args.no_cache and load_cached_weights(model, cache_file):
         print(f"warm start: loaded from {cache_file} (--no-cache recomputes it)")
         return
     objective = Objective.for_run(model, args)
@@ -618,36 +619,8 @@ def warm_start(model, task, args, device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if cache_file:
+    if not args.no_cache:
         save_rank0(model.state_dict(), cache_file, args)
-
-
-WARM_START_FLAGS = ("task", "size", "loops", "digits", "ops", "single_token", "train_pool", "eval_prompts",
-                    "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed", "world", "compile")
-
-
-def warm_start_key(args, device):
-    """A short hash of everything the warm-started weights depend on: the flags above
-    (eval_prompts fixes the held-out split, which training never draws from), the device type,
-    the torch version, and this code (an edited maxrl.py or toy_tasks.py never reuses old weights)."""
-    code = b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], toy_tasks))
-    depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
-    depends_on |= {"device": device.type, "torch": torch.__version__, "code": hashlib.sha256(code).hexdigest()}
-    return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_cached_weights(model, path):
-    """Load path into model if it holds weights of exactly this model; a missing, partial or
-    corrupt file returns False (and is then rebuilt), never an error."""
-    try:
-        state = torch.load(path, map_location=model.embed.weight.device, weights_only=True)
-        expected = model.state_dict()
-        if state.keys() != expected.keys() or any(state[k].shape != v.shape for k, v in expected.items()):
-            return False
-    except Exception:  # missing, truncated or not a state dict: recompute
-        return False
-    model.load_state_dict(state)
-    return True
 
 
 class Stop:
@@ -831,6 +804,34 @@ def save_atomic(state, path):
 def save_rank0(state, path, args):
     if args.rank == 0:
         save_atomic(state, path)
+
+
+WARM_START_FLAGS = ("task", "size", "loops", "digits", "ops", "single_token", "train_pool", "eval_prompts",
+                    "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed", "world", "compile")
+
+
+def warm_start_key(args, device):
+    """A short hash of everything the warm-started weights depend on: the flags above
+    (eval_prompts fixes the held-out split, which training never draws from), the device type,
+    the torch version, and this code (an edited maxrl.py or toy_tasks.py never reuses old weights)."""
+    code = b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], toy_tasks))
+    depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
+    depends_on |= {"device": device.type, "torch": torch.__version__, "code": hashlib.sha256(code).hexdigest()}
+    return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_cached_weights(model, path):
+    """Load path into model if it holds weights of exactly this model; a missing, partial or
+    corrupt file returns False (and is then rebuilt), never an error."""
+    try:
+        state = torch.load(path, map_location=model.embed.weight.device, weights_only=True)
+        expected = model.state_dict()
+        if state.keys() != expected.keys() or any(state[k].shape != v.shape for k, v in expected.items()):
+            return False
+    except Exception:  # missing, truncated or not a state dict: recompute
+        return False
+    model.load_state_dict(state)
+    return True
 
 
 def shared_start(model, task, args, device, ks):
@@ -1212,10 +1213,10 @@ def order_experiment(args):
 
 def scaling_experiment(args):
     """The paper's maze scaling figure at toy scale: each method in --methods at each N in
-    --Ns from the same warm start, with the same prompts per step and steps; then -log
-    pass@k on held-out mazes (unbiased estimator from 128 samples) against N, for k in 1, 16,
-    128. Mean and range over --seeds seeds."""
-    ks, shown = eval_ks(128), [1, 16, 128]
+    --Ns from the same warm start (the main command's, so its cache is shared), with the same
+    prompts per step and steps; then -log pass@k on the held-out mazes (unbiased estimator
+    from 64 samples) against N, for k in 1, 8, 64. Mean and range over --seeds seeds."""
+    ks, shown = eval_ks(64), [1, 8, 64]
     runs = [(method, N) for method in args.methods for N in args.Ns]
     initial, results = train_sweep(args, runs, ks)
     data = {"config": flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
@@ -1311,7 +1312,7 @@ def build_parser():
     group = parser.add_argument_group("task")
     group.add_argument("--task", choices=["nav", "arith"],
                        help="toy task (default: nav to compare, arith for the figures, which need exact p)")
-    group.add_argument("--size", type=int, default=7, help="nav: maze side, odd, 5..31 (paper: 17)")
+    group.add_argument("--size", type=int, default=9, help="nav: maze side, odd, 5..31 (paper: 17)")
     group.add_argument("--train-pool", type=int, default=0,
                        help="train on a fixed pool of this many prompts, epoch after epoch (the paper's "
                             "data-scarce regime); 0 = a fresh prompt every draw (infinite data)")
@@ -1326,10 +1327,10 @@ def build_parser():
                        help=f"comma-separated, from {', '.join(ESTIMATORS)}, ml (arith only) and "
                             + ", ".join(pattern for pattern, _ in FAMILIES.values()) + " (e.g. maxrl@4)")
     group.add_argument("--N", type=int, default=16, help="rollouts per prompt (group size)")
-    group.add_argument("--steps", type=int, default=100, help="RL steps per method")
+    group.add_argument("--steps", type=int, default=150, help="RL steps per method")
     group.add_argument("--batch", type=int, default=16, help="prompts per RL step")
-    group.add_argument("--lr", type=float, default=3e-4, help="RL learning rate (AdamW)")
-    group.add_argument("--sft-steps", type=int, default=400,
+    group.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (AdamW)")
+    group.add_argument("--sft-steps", type=int, default=300,
                        help="supervised warm-start steps, shared by all methods (0 = none)")
     group.add_argument("--sft-batch", type=int, default=64, help="warm-start batch size")
     group.add_argument("--sft-lr", type=float, default=1e-3, help="warm-start learning rate")
@@ -1346,7 +1347,7 @@ def build_parser():
     group.add_argument("--n-embd", type=int, default=96, help="width (divisible by 2 x heads)")
     group = parser.add_argument_group("evaluation and output")
     group.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
-    group.add_argument("--eval-every", type=int, default=10, help="evaluate every this many steps")
+    group.add_argument("--eval-every", type=int, default=50, help="evaluate every this many steps")
     group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
     group.add_argument("--overwrite", action="store_true", help="write into an --out that holds a run")
     group.add_argument("--resume", action="store_true",
@@ -1364,28 +1365,31 @@ def build_parser():
     return parser
 
 
+TASK_DEFAULTS = {"arith": {"sft_steps": 400, "steps": 100, "lr": 3e-4, "eval_every": 10}}  # where they differ from nav's
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
     "interpolation": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "Ns": "4,16,64,256,1024"},
-    "order": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
-    "scaling": {"Ns": "4,8,16,32,64", "steps": 50, "batch": 6, "eval_every": 1000, "eval_prompts": 48},
+    "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
+    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000},
 }
 PAPER_SIZE = {"size": 17, "n_embd": 256, "sft_steps": 1500, "sft_lr": 5e-4, "sft_batch": 32, "lr": 1e-4,
               "Ns": "4,8,16,32,64,128", "steps": 200, "batch": 16, "eval_prompts": 128}
-DEFAULTS_HELP = "defaults that differ from compare's:\n" + "\n".join(
+DEFAULTS_HELP = "defaults that differ from those above (nav, compare):\n" + "\n".join(
     f"  {name}: " + " ".join(f"--{key.replace('_', '-')}={value}" for key, value in flags.items())
-    for name, flags in [*EXPERIMENT_DEFAULTS.items(), ("scaling --paper-size", PAPER_SIZE)])
+    for name, flags in [("--task=arith", TASK_DEFAULTS["arith"]), *EXPERIMENT_DEFAULTS.items(),
+                        ("scaling --paper-size", PAPER_SIZE)])
 
 
 def parse_args(argv=None):
     """Parse and validate every flag before anything is built or written."""
     parser = build_parser()
     first_pass = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**TASK_DEFAULTS.get(default_task(first_pass), {}))
     parser.set_defaults(**EXPERIMENT_DEFAULTS.get(first_pass.experiment, {}))
     if first_pass.paper_size:
         parser.set_defaults(**PAPER_SIZE)
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.task = args.task or ("arith" if args.experiment in EXACT_P_EXPERIMENTS else "nav")
+    args.task = default_task(args)
     args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
     for failed, message in flag_problems(args):
         if failed:
@@ -1413,6 +1417,11 @@ def parse_args(argv=None):
 def int_list(text):
     """'4,16,64' -> [4, 16, 64]; [] if it is not a comma-separated list of integers."""
     return [int(x) for x in text.split(",")] if re.fullmatch(r"\d+(,\d+)*", text) else []
+
+
+def default_task(args):
+    """--task, or nav for the main command and arith for the experiments that need exact p."""
+    return args.task or ("arith" if args.experiment in EXACT_P_EXPERIMENTS else "nav")
 
 
 def flag_problems(args):

@@ -184,7 +184,9 @@ class Navigation(Task):
     be estimated by sampling. Held-out mazes are deduplicated by grid content: a test maze
     never appears in training, with any start and goal. The space is small at small sizes:
     5x5 has 4 distinct mazes, 7x7 has 192 (so 128 held out leave 64 grids to train on, each
-    with about 270 start/goal pairs), 9x9 has 100,352.
+    with about 270 start/goal pairs: data-scarce whatever the pool), 9x9 (the default) has
+    100,352, each with about 900 start/goal pairs, so a training maze practically never repeats
+    (the paper's infinite-data regime) unless train_pool fixes a finite set.
     """
 
     def __init__(self, size=9, loops=0.0, n_test=128, seed=0, train_pool=0):
