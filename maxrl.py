@@ -807,7 +807,8 @@ def save_rank0(state, path, args):
 
 
 WARM_START_FLAGS = ("task", "size", "loops", "digits", "ops", "single_token", "train_pool", "eval_prompts",
-                    "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed", "world", "compile")
+                    "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed", "world",
+                    "compile")
 
 
 def warm_start_key(args, device):
@@ -816,7 +817,8 @@ def warm_start_key(args, device):
     the torch version, and this code (an edited maxrl.py or toy_tasks.py never reuses old weights)."""
     code = b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], toy_tasks))
     depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
-    depends_on |= {"device": device.type, "torch": torch.__version__, "code": hashlib.sha256(code).hexdigest()}
+    depends_on |= {"device": device.type, "torch": torch.__version__,
+                   "code": hashlib.sha256(code).hexdigest()}
     return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -879,7 +881,8 @@ def compare_methods(args):
 
 def resumable_flags(args):
     """The flags a resumed run must share with the run it continues."""
-    return {k: v for k, v in flag_record(args).items() if k not in ("resume", "overwrite", "ckpt_every", "cache_dir", "no_cache")}
+    not_shared = ("resume", "overwrite", "ckpt_every", "cache_dir", "no_cache")
+    return {k: v for k, v in flag_record(args).items() if k not in not_shared}
 
 
 def write_results(args, model_cfg, device, shared, results, ks):
@@ -1365,7 +1368,7 @@ def build_parser():
     return parser
 
 
-TASK_DEFAULTS = {"arith": {"sft_steps": 400, "steps": 100, "lr": 3e-4, "eval_every": 10}}  # where they differ from nav's
+TASK_DEFAULTS = {"arith": {"sft_steps": 400, "steps": 100, "lr": 3e-4, "eval_every": 10}}  # where not nav's
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
     "interpolation": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "Ns": "4,16,64,256,1024"},
     "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
