@@ -279,16 +279,17 @@ class KVCache:
     completions; appending writes in place, so a decoding step never re-copies the past."""
 
     def __init__(self, prompt_kv, n, capacity):
-        self.length = prompt_kv[0][0].shape[2]  # tokens filled so far
-        self.keys = [self.expand(k, n, capacity) for k, _ in prompt_kv]
-        self.values = [self.expand(v, n, capacity) for _, v in prompt_kv]
+        B, H, P, D = prompt_kv[0][0].shape
+        self.keys = [k.new_empty(B * n, H, capacity, D) for k, _ in prompt_kv]
+        self.values = [v.new_empty(B * n, H, capacity, D) for _, v in prompt_kv]
+        self.fill(prompt_kv, n)
 
-    @staticmethod
-    def expand(x, n, capacity):  # (B, H, P, D) -> (B*n, H, capacity, D), first P positions filled
-        B, H, P, D = x.shape
-        buffer = x.new_empty(B, n, H, capacity, D)
-        buffer[:, :, :, :P] = x[:, None]
-        return buffer.view(B * n, H, capacity, D)
+    def fill(self, prompt_kv, n):  # (B, H, P, D) per layer -> the first P positions of each row
+        for layer, (k, v) in enumerate(prompt_kv):
+            B, H, P, D = k.shape
+            self.keys[layer].view(B, n, H, -1, D)[:, :, :, :P] = k[:, None]
+            self.values[layer].view(B, n, H, -1, D)[:, :, :, :P] = v[:, None]
+        self.length = P  # tokens filled so far
 
     def append(self, layer, k, v):  # (B*n, H, T, D) each -> all keys, values so far (B*n, H, P+T, D)
         end = self.length + k.shape[2]
@@ -313,9 +314,8 @@ class SelfAttention(nn.Module):
         else:  # is_causal would align the mask top-left; queries here sit after P cached keys
             k, v = cache.append(self.layer, k, v)  # (B, H, P+T, D)
             P = k.shape[2] - T
-            causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
-            mask = None if T == 1 else causal  # one new token (decoding) sees every key
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # one new token sees every key
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
@@ -334,6 +334,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    cuda_graphs = None  # set by --cuda-graphs (section 8): sampling then replays CUDA graphs
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -369,6 +371,16 @@ class Transformer(nn.Module):
 # 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens
 #    at positions >= length are padding (after the stop token, or never sampled).
 
+def sample_token(logits, generator):  # (R, V) -> (R, 1)
+    """torch.multinomial(logits.softmax(-1), 1) without its host sync. For one sample it
+    draws q ~ Exp(1) per token and takes argmax p / q (the exponential race, a form of the
+    Gumbel-max trick), after checking p on the host: a GPU would wait for that every token.
+    Same random numbers, same tokens (a test checks); we only skip the check."""
+    probs = logits.softmax(-1)  # (R, V)
+    race = torch.empty_like(probs).exponential_(generator=generator)  # (R, V), Exp(1)
+    return (probs / race).argmax(-1, keepdim=True)
+
+
 @torch.no_grad()  # not inference_mode: the sampled tokens go on into the training forward
 def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache=True):
     """Sample n completions per prompt at temperature 1. prompts (B, Tp) -> (B, n, Tc), (B, n).
@@ -381,29 +393,42 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache
     if use_cache:
         logits, prompt_kv = model(prompts)
         logits = logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
-        capacity = prompts.shape[1] + max_len
-        cache = KVCache(prompt_kv, n, capacity) if max_len > 1 else None  # one token: no decoding
+        if max_len > 1:  # one token: no decoding
+            decode = one_token_decoder(model, prompt_kv, n, capacity=prompts.shape[1] + max_len)
+    # Asking whether all have stopped makes the host wait for the GPU; on a GPU we ask every
+    # 8 tokens (the extra tokens are masked below). On a CPU asking is free: every token.
+    check_every = 1 if prompts.device.type == "cpu" else 8
     finished = torch.zeros(B * n, dtype=torch.bool, device=prompts.device)
     lengths = torch.full((B * n,), max_len, device=prompts.device)
     tokens = []
     for t in range(max_len):
         if not use_cache:
             logits = model(sequences)[0][:, -1]  # (B*n, V)
-        next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B*n, 1)
+        next_token = sample_token(logits, generator)  # (B*n, 1)
         tokens.append(next_token)
         stops_now = (next_token[:, 0] == stop_id) & ~finished
-        lengths[stops_now] = t + 1
+        lengths = torch.where(stops_now, t + 1, lengths)  # (B*n,)
         finished |= stops_now
-        if finished.all() or t == max_len - 1:  # the last token needs no forward pass
-            break
+        if t == max_len - 1 or (t % check_every == check_every - 1 and finished.all()):
+            break  # the last token needs no forward pass
         if use_cache:
-            logits = model(next_token, cache)[0][:, -1]
+            logits = decode(next_token)
         else:
             sequences = torch.cat([sequences, next_token], dim=1)
     completions = torch.cat(tokens, dim=1)  # (B*n, Tc)
     after_end = torch.arange(completions.shape[1], device=prompts.device) >= lengths[:, None]
     completions[after_end] = 0  # <pad>, id 0 in every task
     return completions.view(B, n, -1), lengths.view(B, n)
+
+
+def one_token_decoder(model, prompt_kv, n, capacity):
+    """Decoding's step: token (B*n, 1) -> logits (B*n, V) of the next token, extending a KV
+    cache that starts as the prompts' keys/values. Plain PyTorch; with --cuda-graphs, a
+    replay of recorded CUDA graphs that compute exactly the same (CUDAGraphs, section 8)."""
+    if model.cuda_graphs is not None:
+        return model.cuda_graphs.decoder(prompt_kv, n, capacity)
+    cache = KVCache(prompt_kv, n, capacity)
+    return lambda token: model(token, cache)[0][:, -1]
 
 
 def completion_logprobs(model, prompts, completions, lengths):
@@ -783,9 +808,60 @@ def build_model(args, task):
     model = Transformer(model_cfg).to(device)
     if args.compile:
         model.compile(dynamic=True)  # sequence lengths vary from call to call
+    if args.cuda_graphs:
+        model.cuda_graphs = CUDAGraphs(model)
     print(f"{args.task}: prompt {task.prompt_len} tokens, completion <= {task.max_completion_len}; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
     return model, model_cfg, device
+
+
+class CUDAGraphs:
+    """--cuda-graphs: sampling's one-token step replayed from recorded CUDA graphs.
+
+    At this size a GPU spends a decoding step launching ~100 tiny kernels from Python, not
+    computing. A CUDA graph records one step's kernels once and replays them with one launch.
+    A graph fixes every shape and address, so each (rows, prompt length, capacity) gets its
+    own KV cache and input buffer, and within it one graph per position: the step at position
+    P + t attends to the same P + t + 1 keys as the plain step, so a replay computes what
+    model(token, cache) computes, bit for bit (a GPU test checks). Graphs read the weights
+    where they live, and optimizers update them in place, so recordings stay valid."""
+
+    def __init__(self, model):
+        self.model, self.pool = model, torch.cuda.graph_pool_handle()  # graphs share one pool
+        self.buffers = {}  # (rows, P, capacity) -> cache, token buffer, {position: (graph, logits)}
+
+    def decoder(self, prompt_kv, n, capacity):
+        rows, prompt_len = prompt_kv[0][0].shape[0] * n, prompt_kv[0][0].shape[2]
+        key = (rows, prompt_len, capacity)
+        if key not in self.buffers:
+            token = torch.zeros(rows, 1, dtype=torch.long, device=prompt_kv[0][0].device)
+            self.buffers[key] = KVCache(prompt_kv, n, capacity), token, {}
+        cache, token_buffer, graphs = self.buffers[key]
+        cache.fill(prompt_kv, n)
+
+        def step(token):  # (rows, 1) -> (rows, V), valid until the next step
+            position = cache.length
+            token_buffer.copy_(token)
+            if position not in graphs:
+                graphs[position] = self.record(cache, token_buffer)
+            graph, logits = graphs[position]
+            graph.replay()
+            cache.length = position + 1
+            return logits
+        return step
+
+    def record(self, cache, token_buffer):
+        position, side = cache.length, torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one plain run first, as recording requires
+            self.model(token_buffer, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        cache.length = position
+        with torch.cuda.graph(graph, pool=self.pool):  # records; computes nothing
+            logits = self.model(token_buffer, cache)[0][:, -1]  # (rows, V)
+        cache.length = position
+        return graph, logits
 
 
 def flag_record(args):
@@ -1344,6 +1420,8 @@ def build_parser():
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto = cuda when available")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="replay sampling's decoding steps from recorded CUDA graphs (GPU only)")
     group = parser.add_argument_group("model")
     group.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     group.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -1455,6 +1533,9 @@ def flag_problems(args):
         (min(args.n_layer, args.n_head, args.n_embd) < 1 or args.n_embd % (2 * args.n_head),
          "--n-embd must be a positive multiple of 2 x --n-head"),
         (args.device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no GPU is visible"),
+        (args.cuda_graphs and (args.device == "cpu" or not torch.cuda.is_available()),
+         "--cuda-graphs needs a CUDA GPU"),
+        (args.cuda_graphs and args.compile, "--cuda-graphs and --compile are exclusive"),
         ("ml" in args.methods and args.task != "arith",
          "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
     ]
