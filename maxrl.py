@@ -73,30 +73,14 @@ from toy_tasks import make_task
 #    S_j = grad log pi(z_j | x), the sum of the completion's token log-prob gradients.
 
 class Estimators(dict):
-    """name -> advantage function. The fixed estimators are stored. A parametrised one,
-    FAMILY@ORDER for a family registered with @family (maxrl@4, passk@16), is built on each
-    lookup and not stored, so iterating gives the fixed set. Unknown names raise ValueError."""
+    """name -> advantage function. The fixed estimators below are stored, so iterating gives
+    them; a parametrised one (maxrl@4, passk@16) is built on each lookup by family_member."""
 
     def __missing__(self, name):
-        family_name, _, order = name.partition("@")
-        if family_name not in FAMILIES:
-            patterns = ", ".join(pattern for pattern, _ in FAMILIES.values())
-            raise ValueError(f"unknown estimator {name!r} (choose from {', '.join(self)}, {patterns})")
-        pattern, advantage_fn = FAMILIES[family_name]
-        letter = pattern.partition("@")[2]
-        if not (order.isascii() and order.isdigit() and int(order) >= 1):
-            raise ValueError(f"{name!r}: {pattern} needs an integer {letter} >= 1")
-        order = int(order)
-
-        def advantage(rewards):
-            if order > rewards.shape[-1]:
-                raise ValueError(f"{name} needs {letter} <= N (got groups of N={rewards.shape[-1]})")
-            return advantage_fn(rewards, order)
-        return binary_only(advantage)
+        return family_member(name)
 
 
 ESTIMATORS = Estimators()
-FAMILIES = {}  # family name -> (pattern, advantage_fn(rewards, order))
 
 
 def binary_only(advantage_fn):
@@ -114,15 +98,6 @@ def estimator(advantage_fn):
     """Register an advantage function under its name."""
     ESTIMATORS[advantage_fn.__name__] = binary_only(advantage_fn)
     return ESTIMATORS[advantage_fn.__name__]
-
-
-def family(pattern):
-    """Register advantage_fn(rewards, order) as the family PATTERN = 'name@T' (looked up as name@4)."""
-
-    def register(advantage_fn):
-        FAMILIES[pattern.partition("@")[0]] = (pattern, advantage_fn)
-        return advantage_fn
-    return register
 
 
 @estimator
@@ -161,6 +136,38 @@ def maxrl_order_n(rewards):  # Theorem 2: as maxrl, but A_j = -1 in all-fail gro
 # The whole family (DESIGN.md 2b): from the same N rollouts, any order T <= N, and pass@k. Each
 # advantage depends on (r_j, K) only: a table over K = 0..N (float64, from subset counts in
 # product form, finite for any N), looked up per group. F = N - K failures; C(a, b) = 0 if b > a.
+
+FAMILIES = {}  # family name -> (pattern, advantage_fn(rewards, order))
+
+
+def family(pattern):
+    """Register advantage_fn(rewards, order) as the family PATTERN = 'name@T' (looked up as name@4)."""
+
+    def register(advantage_fn):
+        FAMILIES[pattern.partition("@")[0]] = (pattern, advantage_fn)
+        return advantage_fn
+    return register
+
+
+def family_member(name):
+    """ESTIMATORS[FAMILY@ORDER]: the family's advantage function at that order, checked
+    against each group's N when called. Unknown names and bad orders raise ValueError."""
+    family_name, _, order = name.partition("@")
+    if family_name not in FAMILIES:
+        patterns = ", ".join(pattern for pattern, _ in FAMILIES.values())
+        raise ValueError(f"unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)}, {patterns})")
+    pattern, advantage_fn = FAMILIES[family_name]
+    letter = pattern.partition("@")[2]
+    if not (order.isascii() and order.isdigit() and int(order) >= 1):
+        raise ValueError(f"{name!r}: {pattern} needs an integer {letter} >= 1")
+    order = int(order)
+
+    def advantage(rewards):
+        if order > rewards.shape[-1]:
+            raise ValueError(f"{name} needs {letter} <= N (got groups of N={rewards.shape[-1]})")
+        return advantage_fn(rewards, order)
+    return binary_only(advantage)
+
 
 def all_fail_fractions(n, c, k):
     """C(n-c, m) / C(n, m) for m = 0..k: the fraction of the m-subsets of n samples, c of them

@@ -381,7 +381,7 @@ def test_figure_experiments_run_at_a_tiny_size(tmp_path, experiment, key):
     assert key in json.loads((tmp_path / f"{experiment}.json").read_text())
 
 
-@pytest.mark.parametrize("experiment, flags", [("interpolation", ["--single-token"]), ("scaling", [])])
+@pytest.mark.parametrize("experiment, flags", [("interpolation", ["--single-token"]), ("scaling", ["--size=7"])])
 def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
     result = run_cli(f"--experiment={experiment}", "--Ns=2,4", "--seeds=2", "--digits=1", *flags,
                      *TINY, f"--out={tmp_path}")
@@ -435,7 +435,7 @@ def test_bench_prints_the_two_speedups():
     assert re.fullmatch(r"bench: sampling [0-9.]+x, training [0-9.]+x", result.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("flags", [
+BAD_FLAGS = [
     ["--task=chess"], ["--methods=rloo,ppo"], ["--N=0"], ["--N=1", "--methods=rloo"],
     ["--N=2.5"], ["--steps=-1"], ["--lr=-0.1"], ["--batch=0"], ["--size=6"], ["--size=3"],
     ["--methods=ml"], ["--task=arith", "--digits=0"], ["--eval-every=0"], ["--n-embd=30"],
@@ -444,30 +444,35 @@ def test_bench_prints_the_two_speedups():
     ["--experiment=scaling", "--Ns=1,4"], ["--experiment=interpolation", "--task=nav"],
     ["--resume"], ["--resume", "--overwrite"], ["--experiment=scaling", "--resume"], ["--ckpt-every=-1"],
     ["--methods=maxrl@x"], ["--methods=rloo,passk@17"],
-] + ([["--device=cuda"]] if not torch.cuda.is_available() else []))
-def test_bad_input_exits_2_with_one_line(tmp_path, flags):
-    out = tmp_path / "out"
-    result = run_cli(*flags, f"--out={out}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr and not out.exists()
-
-
-@pytest.mark.parametrize("flags", [
     ["--methods=maxrl@"], ["--methods=passk@0"], ["--methods=foo@3"], ["--methods=maxrl_u@-1"],
     ["--methods=maxrl@17"], ["--N=4", "--methods=maxrl,passk@5"],
     ["--experiment=scaling", "--Ns=4,16", "--methods=maxrl@8"],
     ["--experiment=order", "--Ts=1,512"], ["--experiment=order", "--T=8", "--Ns=4,16"],
     ["--experiment=order", "--Ts=1,x"], ["--experiment=variance", "--T=17"],
     ["--experiment=variance", "--T=0"],
-] + ([["--cuda-graphs"], ["--cuda-graphs", "--compile"]] if not torch.cuda.is_available() else []))
-def test_bad_input_for_parametrised_estimators_exits_2_with_one_line(tmp_path, capsys, flags):
-    """As test_bad_input_exits_2_with_one_line, in-process (parse_args, no subprocess): fast."""
+] + ([["--device=cuda"], ["--cuda-graphs"], ["--cuda-graphs", "--compile"]] if not torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags):
+    """Every check runs in parse_args, before anything is built or written; in-process here
+    (a subprocess per case would cost seconds each), on the real command line just below."""
+    out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        maxrl.parse_args([*flags, f"--out={tmp_path / 'out'}"])
+        maxrl.parse_args([*flags, f"--out={out}"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--N=0"], ["--bogus-flag"]])
+def test_bad_input_on_the_command_line_exits_2_with_one_line(tmp_path, flags):
+    out = tmp_path / "out"
+    result = run_cli(*flags, f"--out={out}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
 
 
 # ---------------------------------------------------------------- unbiasedness
@@ -757,7 +762,7 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
 
 # ---------------------------------------------------------------- robust runs: determinism, Ctrl-C, resume
 
-LONG_TINY = ["--task=nav", "--N=4", "--steps=60", "--sft-steps=2", "--eval-prompts=8", "--eval-every=5",
+LONG_TINY = ["--task=nav", "--size=7", "--N=4", "--steps=60", "--sft-steps=2", "--eval-prompts=8", "--eval-every=5",
              "--batch=2", "--n-layer=1", "--n-embd=16", "--n-head=2", "--ckpt-every=3"]
 
 
