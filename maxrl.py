@@ -1335,6 +1335,17 @@ def median_seconds(fn, device, repeats):
     return float(np.median(times))
 
 
+def print_profile(name, fn, device, rows=12):
+    """--bench --profile: one call of fn under torch.profiler; the operations that took longest."""
+    with torch.profiler.profile() as profiler:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    print(f"\n{name}, one call:")
+    sort_by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
 def benchmark(args, repeats=3):
     """--bench: the cached, shared-prefix paths against naive ones, in the same run. Sampling:
     KV cache with each prompt prefilled once vs recomputing every sequence at every step.
@@ -1360,10 +1371,13 @@ def benchmark(args, repeats=3):
 
     train_step(completion_logprobs)  # warm-up
     n_tokens = lengths.sum().item()
-    seconds = {"sampling, no cache": median_seconds(lambda: sample(False), device, repeats),
-               "sampling, cached": median_seconds(lambda: sample(True), device, repeats),
-               "train step, full sequences": median_seconds(lambda: train_step(full_sequence_logprobs), device, repeats),
-               "train step, shared prefix": median_seconds(lambda: train_step(completion_logprobs), device, repeats)}
+    paths = {"sampling, no cache": lambda: sample(False), "sampling, cached": lambda: sample(True),
+             "train step, full sequences": lambda: train_step(full_sequence_logprobs),
+             "train step, shared prefix": lambda: train_step(completion_logprobs)}
+    seconds = {name: median_seconds(fn, device, repeats) for name, fn in paths.items()}
+    if args.profile:
+        for name, fn in paths.items():
+            print_profile(name, fn, device)
     print(f"{args.batch} prompts x N={args.N} completions of {lengths.float().mean():.1f} tokens, "
           f"prompt {task.prompt_len} tokens; median of {repeats} repeats")
     for name, sec in seconds.items():
@@ -1429,6 +1443,8 @@ def build_parser():
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--cuda-graphs", action="store_true",
                        help="replay sampling's decoding steps from recorded CUDA graphs (GPU only)")
+    group.add_argument("--profile", action="store_true",
+                       help="with --bench: also print where each path's time goes (torch.profiler)")
     group = parser.add_argument_group("model")
     group.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     group.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -1543,6 +1559,7 @@ def flag_problems(args):
         (args.cuda_graphs and (args.device == "cpu" or not torch.cuda.is_available()),
          "--cuda-graphs needs a CUDA GPU"),
         (args.cuda_graphs and args.compile, "--cuda-graphs and --compile are exclusive"),
+        (args.profile and args.experiment != "bench", "--profile goes with --bench"),
         ("ml" in args.methods and args.task != "arith",
          "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
     ]

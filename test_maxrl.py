@@ -429,10 +429,11 @@ def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
     assert parse().sft_steps == 300 and parse("--task=arith").sft_steps == 400
 
 
-def test_bench_prints_the_two_speedups():
-    result = run_cli("--bench", "--N=2", "--batch=2", "--eval-prompts=8", *TINY[5:])
+def test_bench_prints_the_two_speedups_and_profiles():
+    result = run_cli("--bench", "--profile", "--N=2", "--batch=2", "--eval-prompts=8", *TINY[5:])
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"bench: sampling [0-9.]+x, training [0-9.]+x", result.stdout.splitlines()[-1])
+    assert result.stdout.count(", one call:") == 4 and "aten::" in result.stdout
 
 
 BAD_FLAGS = [
@@ -449,7 +450,7 @@ BAD_FLAGS = [
     ["--experiment=scaling", "--Ns=4,16", "--methods=maxrl@8"],
     ["--experiment=order", "--Ts=1,512"], ["--experiment=order", "--T=8", "--Ns=4,16"],
     ["--experiment=order", "--Ts=1,x"], ["--experiment=variance", "--T=17"],
-    ["--experiment=variance", "--T=0"],
+    ["--experiment=variance", "--T=0"], ["--profile"],
 ] + ([["--device=cuda"], ["--cuda-graphs"], ["--cuda-graphs", "--compile"]] if not torch.cuda.is_available() else [])
 
 
