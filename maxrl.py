@@ -379,11 +379,12 @@ class Transformer(nn.Module):
 #    at positions >= length are padding (after the stop token, or never sampled).
 
 def sample_token(logits, generator):  # (R, V) -> (R, 1)
-    """torch.multinomial(logits.softmax(-1), 1) without its host sync. For one sample it
-    draws q ~ Exp(1) per token and takes argmax p / q (the exponential race, a form of the
-    Gumbel-max trick), after checking p on the host: a GPU would wait for that every token.
-    Same random numbers, same tokens (a test checks); we only skip the check."""
+    """torch.multinomial(logits.softmax(-1), 1) without its host sync. For one sample,
+    multinomial checks p on the host (a GPU waits for that), then draws q ~ Exp(1) per token
+    and takes argmax p / q (the exponential race, a form of the Gumbel-max trick). We make
+    the same draw, same tokens (a test checks), and check p asynchronously instead."""
     probs = logits.softmax(-1)  # (R, V)
+    torch._assert_async(probs.isfinite().all(), "sampling from non-finite logits: did training diverge?")
     race = torch.empty_like(probs).exponential_(generator=generator)  # (R, V), Exp(1)
     return (probs / race).argmax(-1, keepdim=True)
 
@@ -807,6 +808,7 @@ def build_model(args, task):
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and args.world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+        torch.cuda.set_device(device)  # its streams (and CUDA graphs) on that GPU, not GPU 0
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     torch.manual_seed(args.seed)
@@ -831,7 +833,8 @@ class CUDAGraphs:
     own KV cache and input buffer, and within it one graph per position: the step at position
     P + t attends to the same P + t + 1 keys as the plain step, so a replay computes what
     model(token, cache) computes, bit for bit (a GPU test checks). Graphs read the weights
-    where they live, and optimizers update them in place, so recordings stay valid."""
+    where they live, and optimizers update them in place, so recordings stay valid. Each shape
+    keeps its cache for the whole run: a few GB over --paper-size's sweep of N."""
 
     def __init__(self, model):
         self.model, self.pool = model, torch.cuda.graph_pool_handle()  # graphs share one pool
@@ -898,7 +901,7 @@ def warm_start_key(args, device):
     """A short hash of everything the warm-started weights depend on: the flags above
     (eval_prompts fixes the held-out split, which training never draws from), the device type,
     the torch version, and this code (an edited maxrl.py or toy_tasks.py never reuses old weights)."""
-    code = b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], toy_tasks))
+    code = b"".join(Path(path).read_bytes() for path in (__file__, toy_tasks.__file__))  # also under cProfile
     depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
     depends_on |= {"device": device.type, "torch": torch.__version__,
                    "code": hashlib.sha256(code).hexdigest()}
