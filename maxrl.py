@@ -840,7 +840,7 @@ class CUDAGraphs:
         self.model, self.pool = model, torch.cuda.graph_pool_handle()  # graphs share one pool
         self.buffers = {}  # (rows, P, capacity) -> cache, token buffer, {position: (graph, logits)}
 
-    def decoder(self, prompt_kv, n, capacity):
+    def decoder(self, prompt_kv, n, capacity):  # as one_token_decoder; one in use per shape
         rows, prompt_len = prompt_kv[0][0].shape[0] * n, prompt_kv[0][0].shape[2]
         key = (rows, prompt_len, capacity)
         if key not in self.buffers:
