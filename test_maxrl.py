@@ -1,4 +1,4 @@
-"""Tests for maxrl.py and toy_tasks.py. Run with `pytest` (about 4 minutes on 2 CPU cores)."""
+"""Tests for maxrl.py and toy_tasks.py. Run with `pytest` (about 3 minutes on 2 CPU cores)."""
 
 import itertools
 import json
