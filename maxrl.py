@@ -286,7 +286,7 @@ class KVCache:
     completions; appending writes in place, so a decoding step never re-copies the past."""
 
     def __init__(self, prompt_kv, n, capacity):
-        B, H, P, D = prompt_kv[0][0].shape
+        B, H, _, D = prompt_kv[0][0].shape
         self.keys = [k.new_empty(B * n, H, capacity, D) for k, _ in prompt_kv]
         self.values = [v.new_empty(B * n, H, capacity, D) for _, v in prompt_kv]
         self.fill(prompt_kv, n)
