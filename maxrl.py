@@ -843,11 +843,12 @@ class CUDAGraphs:
     def decoder(self, prompt_kv, n, capacity):  # as one_token_decoder; one in use per shape
         rows, prompt_len = prompt_kv[0][0].shape[0] * n, prompt_kv[0][0].shape[2]
         key = (rows, prompt_len, capacity)
-        if key not in self.buffers:
+        if key in self.buffers:
+            self.buffers[key][0].fill(prompt_kv, n)
+        else:
             token = torch.zeros(rows, 1, dtype=torch.long, device=prompt_kv[0][0].device)
-            self.buffers[key] = KVCache(prompt_kv, n, capacity), token, {}
+            self.buffers[key] = KVCache(prompt_kv, n, capacity), token, {}  # filled on creation
         cache, token_buffer, graphs = self.buffers[key]
-        cache.fill(prompt_kv, n)
 
         def step(token):  # (rows, 1) -> (rows, V), valid until the next step
             position = cache.length
