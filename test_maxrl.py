@@ -1,5 +1,6 @@
 """Tests for maxrl.py and toy_tasks.py. Run with `pytest` (about 3 minutes on 2 CPU cores)."""
 
+import ast
 import itertools
 import json
 import math
@@ -22,11 +23,53 @@ from maxrl import ESTIMATORS, pass_at_k, weight
 from toy_tasks import Arithmetic, Navigation, prim_maze, shortest_path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "notebooks"))
+import experiments  # noqa: E402  (notebooks/experiments.py: the checks on the real model, the benchmark)
+import plumbing  # noqa: E402  (notebooks/plumbing.py: cache, checkpoints, torchrun, CUDA graphs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_users_runs_folder_stays_as_it_was():
+    """No test writes into runs/ beside maxrl.py (the default place of runs and of the warm-start
+    cache): caches, runs and figures of the tests go to temporary folders."""
+    runs = HERE / "runs"
+    snapshot = lambda: sorted(str(path) for path in runs.rglob("*")) if runs.exists() else []
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a test wrote into runs/"
+
+
+def module_level_names(node):
+    """The names a module-level statement defines."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    targets = node.targets if isinstance(node, ast.Assign) else []
+    return [name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)]
+
+
+def test_the_lesson_uses_only_what_stands_above_it():
+    """maxrl.py reads top to bottom: every module-level name that a part of the lesson (from the
+    top of the file to the end of compare_methods, the main command) uses is defined above it."""
+    tree = ast.parse((HERE / "maxrl.py").read_text())
+    defined_at = {}
+    for node in tree.body:
+        for name in module_level_names(node):
+            defined_at.setdefault(name, node.lineno)
+    lesson_end = defined_at["compare_methods"]
+    for node in [node for node in tree.body if node.lineno <= lesson_end]:
+        names = [n for n in ast.walk(node) if isinstance(n, ast.Name)]
+        local = {n.id for n in names if isinstance(n.ctx, ast.Store)} | {a.arg for a in ast.walk(node)
+                                                                        if isinstance(a, ast.arg)}
+        used = {n.id for n in names if isinstance(n.ctx, ast.Load)} - local
+        forward = sorted(name for name in used if defined_at.get(name, 0) > node.lineno)
+        assert not forward, f"line {node.lineno} uses {forward}, defined below it"
 
 
 # ---------------------------------------------------------------- estimators: shapes and edges
 
-FAMILY_EXAMPLES = ["passk@3", "maxrl_u@3", "maxrl@3"]  # parametrised members (DESIGN.md 2b)
+FAMILY_EXAMPLES = ["passk@3", "maxrl_u@3", "maxrl@3"]  # members of the families (maxrl.py, section 7)
 
 
 @pytest.mark.parametrize("name", [*ESTIMATORS, *FAMILY_EXAMPLES])
@@ -287,7 +330,7 @@ def decode_along(model, prompts, completions):
     prompts (B, Tp), completions (B*n, Tc) -> (B*n, Tc, V)."""
     n, Tc = completions.shape[0] // prompts.shape[0], completions.shape[1]
     first, prompt_kv = model(prompts)
-    decode = maxrl.one_token_decoder(model, prompt_kv, n, capacity=prompts.shape[1] + Tc)
+    decode = model.decoder(prompt_kv, n, capacity=prompts.shape[1] + Tc)
     steps = [first[:, -1].repeat_interleave(n, 0)] + [decode(completions[:, t:t + 1]).clone()
                                                       for t in range(Tc - 1)]
     return torch.stack(steps, 1)
@@ -359,18 +402,19 @@ def test_cuda_graph_decoding_equals_plain_decoding():
     task = Navigation(size=5, n_test=2)
     model = attentive_model(task, "cuda")
     prompts = maxrl.prompt_tensor(task, task.test_problems, "cuda")  # (2, Tp)
-    graphs = maxrl.CUDAGraphs(model)
+    graphs = plumbing.CUDAGraphs(model)
+    plain_decoder = model.decoder
     for n, weight_scale in [(8, 1.0), (4, 1.0), (8, 1.5)]:
         model.embed.weight.mul_(weight_scale)
         completions = torch.randint(3, len(task.vocab), (2 * n, task.max_completion_len), device="cuda")
-        model.cuda_graphs = None
+        model.decoder = plain_decoder
         plain = decode_along(model, prompts, completions)
-        model.cuda_graphs = graphs
+        model.decoder = graphs.decoder  # as --cuda-graphs installs it
         assert torch.equal(decode_along(model, prompts, completions), plain)
     assert len(graphs.buffers) == 2
     runs = []
-    for cuda_graphs in (None, graphs):
-        model.cuda_graphs = cuda_graphs
+    for decoder in (plain_decoder, graphs.decoder):
+        model.decoder = decoder
         runs.append(maxrl.sample_completions(model, prompts, 8, task.max_completion_len, task.stop_id,
                                              torch.Generator("cuda").manual_seed(3)))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
@@ -384,7 +428,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_sequence(task):
     completions, lengths = maxrl.sample_completions(model, prompts, 4, task.max_completion_len,
                                                     task.stop_id, torch.Generator().manual_seed(1))
     grads = []
-    for fn in (maxrl.completion_logprobs, maxrl.full_sequence_logprobs):
+    for fn in (maxrl.completion_logprobs, experiments.full_sequence_logprobs):
         model.zero_grad()
         seq_logprob = fn(model, prompts, completions, lengths)
         seq_logprob.sum().backward()
@@ -397,7 +441,10 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_sequence(task):
 # ---------------------------------------------------------------- command line
 
 def run_cli(*flags, cwd=HERE):
-    return subprocess.run([sys.executable, str(HERE / "maxrl.py"), *flags], capture_output=True,
+    """python maxrl.py FLAGS, output captured (not a terminal); no warm-start cache unless asked,
+    so the user's runs/cache stays as it was."""
+    no_cache = [] if any(flag.startswith("--cache-dir") for flag in flags) else ["--no-cache"]
+    return subprocess.run([sys.executable, str(HERE / "maxrl.py"), *flags, *no_cache], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
 
 
@@ -411,6 +458,8 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
     result = run_cli(*task_flags, *TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "coverage" in result.stdout
+    assert "\r" not in result.stderr + result.stdout  # output to a file: no progress-bar redraws,
+    assert re.search(r"maxrl N=\d+ +seed 0: step 2/2 pass@1 [0-9.]+", result.stdout)  # a line per evaluation
     summary = json.loads((tmp_path / "results.json").read_text())
     assert {"task", "N", "seed", "config", "methods"} <= summary.keys()
     for name, method in summary["methods"].items():
@@ -546,7 +595,7 @@ def test_exact_enumeration_matches_weight(name, N):
         pytest.skip("rloo is undefined at N = 1 (tested to refuse)")
     logits = torch.tensor([0.3, -0.5, 1.2, 0.1, -1.0], dtype=torch.float64)
     correct = torch.tensor([1.0, 0, 1, 0, 0], dtype=torch.float64)  # two correct outcomes
-    expected_grad, probs, score = maxrl.exact_group_gradient(name, logits, correct, N)
+    expected_grad, probs, score = experiments.exact_group_gradient(name, logits, correct, N)
     p = float((probs * correct).sum())
     grad_p = (correct * probs) @ score  # sum_z r(z) pi(z) grad log pi(z)
     assert torch.allclose(expected_grad, weight(name, p, N) * grad_p, atol=1e-10, rtol=0)
@@ -610,7 +659,7 @@ def test_pass_at_k_is_unbiased(p):
 
 # ---------------------------------------------------------------- the family: any order T <= N, pass@k
 
-FAMILY_WEIGHT = {  # DESIGN.md 2b: the closed-form weight of family@order, whatever N >= order
+FAMILY_WEIGHT = {  # the closed-form weight of family@order, whatever N >= order (maxrl.py, section 7)
     "passk": lambda p, k: k * (1 - p) ** (k - 1),  # grad pass@k = k (1-p)^(k-1) grad p
     "maxrl_u": lambda p, T: (1 - (1 - p) ** T) / p,  # grad J_T
     "maxrl": lambda p, T: (1 - (1 - p) ** T) / p,
@@ -623,8 +672,8 @@ def claimed_weight(name, p, N):
     return FAMILY_WEIGHT[family](p, int(order)) if order else CLAIMED_WEIGHT[name](p, N)
 
 
-def design_advantage(family, order, N, K, success):
-    """DESIGN.md 2b's table, in exact fractions (C(a, b) = 0 when b > a or b < 0)."""
+def table_advantage(family, order, N, K, success):
+    """The table of maxrl.py's section 7, in exact fractions (C(a, b) = 0 when b > a or b < 0)."""
     comb = lambda a, b: math.comb(a, b) if 0 <= b <= a else 0
     F = N - K
     others_all_fail = lambda m: Fraction(comb(F - 1, m), comb(N - 1, m))  # C(F-1, m) / C(N-1, m)
@@ -637,14 +686,14 @@ def design_advantage(family, order, N, K, success):
     return N * c - 1 if success else -1
 
 
-def test_estimator_family_matches_the_design_table():
+def test_estimator_family_matches_its_table():
     """Every advantage of passk@k, maxrl_u@T and maxrl@T, for every N <= 8, order <= N and
-    number of successes K, equals DESIGN.md 2b's formula in exact fractions, to 1e-12."""
+    number of successes K, equals the table of maxrl.py's section 7 in exact fractions, to 1e-12."""
     for N, family in itertools.product(range(1, 9), FAMILY_WEIGHT):
         rewards = (torch.arange(N) < torch.arange(N + 1)[:, None]).double()  # (N+1, N) row K: K successes
         for order in range(1, N + 1):
             advantages = ESTIMATORS[f"{family}@{order}"](rewards)
-            expected = torch.tensor([[float(design_advantage(family, order, N, K, j < K)) for j in range(N)]
+            expected = torch.tensor([[float(table_advantage(family, order, N, K, j < K)) for j in range(N)]
                                      for K in range(N + 1)], dtype=torch.float64)  # (N+1, N)
             assert torch.allclose(advantages, expected, atol=1e-12, rtol=0), (family, order, N)
 
@@ -653,12 +702,12 @@ def test_estimator_family_matches_the_design_table():
 def test_exact_enumeration_matches_weight_for_every_order(N):
     """No Monte Carlo: for every order 1..N of each family, the exact expectation over all 5^N
     outcome tuples equals weight(name, p, N) grad p to 1e-10, and weight equals the closed
-    form of DESIGN.md 2b to 1e-12."""
+    form of maxrl.py's section 7 to 1e-12."""
     logits = torch.tensor([0.3, -0.5, 1.2, 0.1, -1.0], dtype=torch.float64)
     correct = torch.tensor([1.0, 0, 1, 0, 0], dtype=torch.float64)
     for family, order in itertools.product(FAMILY_WEIGHT, range(1, N + 1)):
         name = f"{family}@{order}"
-        expected_grad, probs, score = maxrl.exact_group_gradient(name, logits, correct, N)
+        expected_grad, probs, score = experiments.exact_group_gradient(name, logits, correct, N)
         p = float((probs * correct).sum())
         grad_p = (correct * probs) @ score
         assert torch.allclose(expected_grad, weight(name, p, N) * grad_p, atol=1e-10, rtol=0), name
@@ -714,7 +763,7 @@ def arith_setup():
     prompt = maxrl.prompt_tensor(task, [problem], "cpu")[0]
     answer = task.reference_completion(problem)  # "15<eos>": the verifier's only success
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    while maxrl.target_pass_rate(model, prompt, answer).item() < 0.3:
+    while experiments.target_pass_rate(model, prompt, answer).item() < 0.3:
         loss = maxrl.supervised_loss(model, task, [problem], "cpu")
         optimizer.zero_grad()
         loss.backward()
@@ -750,13 +799,13 @@ def sampled(request, arith_setup):
     task, model, prompt, answer = arith_setup
     target = answer if request.param == "answer" else answer[:1]
     N = 4
-    weightings = {name: maxrl.estimator_weighting(name) for name in [*ESTIMATORS, *ON_THE_TRANSFORMER]}
+    weightings = {name: experiments.estimator_weighting(name) for name in [*ESTIMATORS, *ON_THE_TRANSFORMER]}
     weightings["success_mean"] = lambda rewards: rewards / rewards.sum().clamp(min=1)  # Theorem 1
-    batches = maxrl.sampled_gradients(model, prompt, target, N, weightings, n_batches=20,
+    batches = experiments.sampled_gradients(model, prompt, target, N, weightings, n_batches=20,
                                       groups=250, generator=torch.Generator().manual_seed(0),
                                       max_len=task.max_completion_len, stop_id=task.stop_id)
-    p = maxrl.target_pass_rate(model, prompt, target)
-    return N, p.item(), maxrl.flat_grad(p, model), batches
+    p = experiments.target_pass_rate(model, prompt, target)
+    return N, p.item(), experiments.flat_grad(p, model), batches
 
 
 @pytest.mark.parametrize("name", [*ESTIMATORS, *ON_THE_TRANSFORMER])
@@ -843,7 +892,7 @@ def test_same_flags_and_seed_give_identical_results(tmp_path, uninterrupted):
 def test_ctrl_c_keeps_results_and_resume_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
     """SIGINT once a checkpoint exists: the run finishes its step, writes results.json marked
     interrupted and its plots, exits 130; --resume then ends with the uninterrupted results."""
-    process = subprocess.Popen([sys.executable, str(HERE / "maxrl.py"), *LONG_TINY, f"--out={tmp_path}"],
+    process = subprocess.Popen([sys.executable, str(HERE / "maxrl.py"), *LONG_TINY, f"--out={tmp_path}", "--no-cache"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:
@@ -922,7 +971,7 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
     single = run_cli(*flags, f"--out={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    double = subprocess.run([*launcher, str(HERE / "maxrl.py"), *flags, f"--out={tmp_path / 'two'}"],
+    double = subprocess.run([*launcher, str(HERE / "maxrl.py"), *flags, f"--out={tmp_path / 'two'}", "--no-cache"],
                             capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-2000:]
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))

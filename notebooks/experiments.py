@@ -1,0 +1,517 @@
+"""The paper's experiments, the benchmark, and the checks of the estimators on the real
+transformer: what maxrl.py's lesson does not need. Run them from the project root as
+    python maxrl.py --experiment=weights          weight function: analytic, exact, measured
+    python maxrl.py --experiment=gradnorm         gradient norm against pass rate
+    python maxrl.py --experiment=gradcos          cosine to the maximum-likelihood gradient as N grows
+    python maxrl.py --experiment=interpolation --single-token    maxrl -> cross-entropy as N grows
+    python maxrl.py --experiment=order            higher order T, or more rollouts N?
+    python maxrl.py --experiment=variance         gradient variance at equal order
+    python maxrl.py --experiment=scaling          -log pass@k against N on mazes
+    python maxrl.py --bench [--profile]           the cached, shared-prefix paths against naive ones
+Each writes JSON and a PNG to --out (bench prints). The tests and notebook 02 import the checks.
+"""
+
+import argparse
+import itertools
+import json
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import maxrl
+import plumbing
+
+# ----------------------------------------------------------------------------------------
+# Checking the estimators on the real model (the tests and --experiment=weights use this).
+# A completion "succeeds" when it starts with a target token list; then p = pi(target | x)
+# is exact by teacher forcing. With target = answer + <eos> this is arith's verifier.
+
+def exact_group_gradient(name, logits, correct, N):
+    """E[(1/N) sum_j A_j grad log pi(z_j)] for a categorical policy pi = softmax(logits) over
+    M outcomes, correct (M,) 0/1, summed exactly over all M^N outcome tuples: no sampling.
+    Returns (expected gradient wrt the logits (M,), probs (M,), score (M, M) with row z =
+    grad log pi(z)). The tests and notebook 02 check estimators against weight() with it."""
+    M = len(logits)
+    probs = logits.softmax(-1)  # (M,)
+    score = torch.eye(M, dtype=logits.dtype) - probs  # (M, M) row z: grad_logits log pi(z)
+    outcomes = torch.tensor(list(itertools.product(range(M), repeat=N)))  # (M^N, N)
+    tuple_prob = probs[outcomes].prod(-1)  # (M^N,)
+    advantages = maxrl.ESTIMATORS[name](correct[outcomes])  # (M^N, N)
+    per_tuple = (advantages[..., None] * score[outcomes]).sum(1) / N  # (M^N, M)
+    return (tuple_prob[:, None] * per_tuple).sum(0), probs, score
+
+
+def target_pass_rate(model, prompt, target):
+    """Exact p = pi(target | x), with grad. prompt (Tp,), target: list of ids -> scalar."""
+    target_ids = torch.tensor(target, device=prompt.device)[None, None]  # (1, 1, L)
+    lengths = torch.tensor([[len(target)]], device=prompt.device)
+    return maxrl.completion_logprobs(model, prompt[None], target_ids, lengths)[0, 0].exp()
+
+
+def flat_grad(scalar, model, retain_graph=False):
+    grads = torch.autograd.grad(scalar, list(model.parameters()), retain_graph=retain_graph)
+    return torch.cat([g.reshape(-1) for g in grads])  # (n_params,)
+
+
+def estimator_weighting(name):
+    """Coefficients c (G, N) such that sum c_j S_j is the mean over G groups of (1/N) sum_j A_j S_j."""
+    return lambda rewards: maxrl.ESTIMATORS[name](rewards) / rewards.numel()
+
+
+def sampled_gradients(model, prompt, target, N, weightings, n_batches, groups, generator, max_len, stop_id):
+    """Monte Carlo gradients for one prompt. Each of n_batches samples `groups` groups of N
+    completions; for each weighting fn(rewards (G, N)) -> c (G, N) it records
+    sum_gj c_gj grad log pi(z_gj | x). Returns {name: (n_batches, n_params)}."""
+    target_ids = torch.tensor(target, device=prompt.device)
+    prompts = prompt[None].expand(groups, -1)  # (G, Tp)
+    batches = {name: [] for name in weightings}
+    for _ in range(n_batches):
+        completions, lengths = maxrl.sample_completions(model, prompts, N, max_len, stop_id, generator)
+        completions = F.pad(completions, (0, max(0, len(target) - completions.shape[-1])))
+        starts_right = (completions[..., :len(target)] == target_ids).all(-1)  # (G, N)
+        rewards = (starts_right & (lengths >= len(target))).float()  # (G, N)
+        seq_logprob = maxrl.completion_logprobs(model, prompts, completions, lengths)  # (G, N)
+        for name, coefficients in weightings.items():
+            objective = (coefficients(rewards) * seq_logprob).sum()
+            batches[name].append(flat_grad(objective, model, retain_graph=True))
+    return {name: torch.stack(grads) for name, grads in batches.items()}
+
+# ----------------------------------------------------------------------------------------
+# The experiments: each is one command (--experiment=NAME) that writes JSON and PNG to --out.
+
+def warm_started(args):
+    """The model warm-started by these flags (from the cache the main command shares) and its device."""
+    run = plumbing.CommandLineRun(args)
+    model, _, device = run.model(args.task_obj)
+    run.warm_start(model, args.task_obj, device)
+    return model, device
+
+
+def colormap(name):
+    from matplotlib import colormaps
+    return colormaps[name]
+
+
+def save_figure(fig, out, name, data):
+    """Write out/name.png and out/name.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{name}.png", dpi=120)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {out}/{name}.png, {name}.json")
+
+
+def prompts_by_pass_rate(model, task, device):
+    """Held-out prompts of a unique-answer task with their exact p, sorted by p."""
+    rows = []
+    for problem in task.test_problems:
+        prompt = maxrl.prompt_tensor(task, [problem], device)[0]
+        answer = task.reference_completion(problem)
+        with torch.no_grad():
+            rows.append((target_pass_rate(model, prompt, answer).item(), prompt, answer))
+    return sorted(rows, key=lambda row: row[0])
+
+
+def prompts_spread_in_log_p(model, task, device, n_prompts):
+    """Up to n_prompts held-out (p, prompt, answer), spread evenly in log p over those with
+    p >= 0.01 (below that the Monte Carlo noise swamps a measurement)."""
+    all_rows = prompts_by_pass_rate(model, task, device)
+    rows = [row for row in all_rows if row[0] >= 0.01] or all_rows[-n_prompts:]  # tiny test runs
+    log_p = np.log([row[0] for row in rows])
+    chosen = {int(np.abs(log_p - x).argmin()) for x in np.linspace(log_p[0], log_p[-1], n_prompts)}
+    return [rows[i] for i in sorted(chosen)]
+
+
+def measure_weights(model, task, args, device, names, n_prompts=5):
+    """w measured on the transformer: the averaged gradient's component along grad p over
+    |grad p|^2, at n_prompts held-out prompts spread in log p. Returns {name: [(p, w, standard error)]}."""
+    generator = torch.Generator(device).manual_seed(args.seed)
+    measured = {name: [] for name in names}
+    prompts = prompts_spread_in_log_p(model, task, device, n_prompts)
+    for p, prompt, answer in maxrl.progress(prompts, args, desc="measuring w"):
+        batches = sampled_gradients(model, prompt, answer, args.N,
+                                    {name: estimator_weighting(name) for name in names}, n_batches=10,
+                                    groups=64, generator=generator, max_len=task.max_completion_len,
+                                    stop_id=task.stop_id)
+        grad_p = flat_grad(target_pass_rate(model, prompt, answer), model)
+        for name, grads in batches.items():
+            along = (grads @ grad_p / grad_p.square().sum()).cpu().numpy()  # (n_batches,)
+            measured[name].append((p, float(along.mean()), float(along.std(ddof=1) / len(along) ** 0.5)))
+    return measured
+
+
+def weights_experiment(args):
+    """The paper's weight-function figure: analytic w(p), weight() at finite N, and w measured on the model."""
+    model, device = warm_started(args)
+    names = ["rloo", "grpo", "maxrl"]
+    measured = measure_weights(model, args.task_obj, args, device, names)
+    p = np.logspace(-3, 0, 300)
+    fig, ax = maxrl.new_figure(figsize=(7, 5))
+    ax.plot(p, np.ones_like(p), "k-", label="RL (pass@1): 1")
+    ax.plot(p, 1 / np.sqrt(p * (1 - p) + 1e-12), "C1-", label="GRPO, N -> inf: 1/sqrt(p(1-p))")
+    for i, T in enumerate([2, 4, 16, 64, 256]):
+        ax.plot(p, (1 - (1 - p) ** T) / p, color=colormap("Blues")(0.35 + 0.13 * i), label=f"MaxRL T={T}")
+    ax.plot(p, 1 / p, "k--", label="maximum likelihood: 1/p")
+    N = args.N
+    ax.plot(p, maxrl.weight("grpo", p, N), "C1:", lw=2, label=f"weight('grpo', p, N={N})")
+    ax.plot(p, maxrl.weight("maxrl", p, N), "C3:", lw=2, label=f"weight('maxrl', p, N={N}): T=N-1")
+    ax.plot(p, maxrl.weight("maxrl_order_n", p, N), "C2:", lw=2, label=f"weight('maxrl_order_n', p, N={N}): T=N")
+    for name, color in zip(names, ["k", "C1", "C3"]):
+        ps, ws, errors = np.array(measured[name]).T
+        ax.errorbar(ps, ws, yerr=2 * errors, fmt="o", color=color, mfc="white", capsize=3,
+                    label=f"{name} measured on the transformer (N={N}, +-2 s.e.)")
+    ax.set(xscale="log", yscale="log", xlabel="pass rate p", ylabel="weight w(p):  E[gradient] = w(p) grad p",
+           ylim=(0.5, 2e3))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, args.out, "weights", {"N": N, "measured": measured})
+
+
+def gradnorm_experiment(args, n_prompts=48, n_groups=8):
+    """The paper's gradient-norm analysis: per-prompt gradient L2 norm against p on held-out
+    prompts of the warm-started model. Filled markers: the expected gradient's norm, exactly
+    w_N(p) |grad p| (ml: |grad log p|). Faint markers: one group's estimate, averaged over
+    n_groups groups, which is what one update sees of that prompt."""
+    task = args.task_obj
+    model, device = warm_started(args)
+    names, generator = ["rloo", "grpo", "maxrl"], torch.Generator(device).manual_seed(args.seed)
+    rows = [row for row in prompts_by_pass_rate(model, task, device) if row[0] >= 1e-3]
+    rows = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, n_prompts).round().astype(int)))]
+    norms = {name: {"p": [], "expected": [], "sampled": []} for name in names}
+    norms["ml"] = {"p": [], "expected": []}
+    for p, prompt, answer in maxrl.progress(rows, args, desc="gradient norms"):
+        p_tensor = target_pass_rate(model, prompt, answer)
+        grad_p_norm = flat_grad(p_tensor, model).norm().item()
+        groups = sampled_gradients(model, prompt, answer, args.N,
+                                   {name: estimator_weighting(name) for name in names}, n_batches=n_groups,
+                                   groups=1, generator=generator, max_len=task.max_completion_len,
+                                   stop_id=task.stop_id)
+        for name in names:
+            norms[name]["expected"].append(maxrl.weight(name, p, args.N) * grad_p_norm)
+            norms[name]["sampled"].append(groups[name].norm(dim=1).mean().item())
+        norms["ml"]["expected"].append(grad_p_norm / p)  # exact: ml samples nothing
+        for name in norms:
+            norms[name]["p"].append(p)
+    fig, ax = maxrl.new_figure(figsize=(6.5, 4.5))
+    for i, (name, values) in enumerate(norms.items()):
+        ax.scatter(values["p"], values["expected"], color=f"C{i}", s=18, label=f"{name}: E[gradient]")
+        if name != "ml":
+            ax.scatter(values["p"], values["sampled"], color=f"C{i}", s=12, alpha=0.25, marker="^")
+    ax.set(xscale="log", yscale="log", xlabel="held-out pass rate p (exact)",
+           ylabel="per-prompt gradient L2 norm", title=f"triangles: one group of N={args.N}, averaged")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, args.out, "gradnorm", {"N": args.N, "norms": norms})
+
+
+def maxrl_objective(p, T):
+    """J_T(p) = -sum_{k=1..T} (1-p)^k / k, MaxRL's objective of order T (T -> inf: log p)."""
+    return -sum((1 - p) ** k / k for k in range(1, T + 1))
+
+
+def gradcos_experiment(args, names=("rloo", "grpo", "maxrl")):
+    """Gradient-level interpolation: on one batch of held-out arith prompts of the warm-started
+    model, the cosine between each estimator's batch gradient (one group of N per prompt) and
+    the exact gradients of mean_x log p(x) (maximum likelihood) and of mean_x J_N(p(x)) (MaxRL
+    of order N), as N grows; mean and range over --seeds sampling seeds."""
+    task = args.task_obj
+    model, device = warm_started(args)
+    problems = task.test_problems[:args.batch]
+    prompts = maxrl.prompt_tensor(task, problems, device)  # (B, Tp)
+    p = maxrl.reference_logprob(model, task, problems, prompts).exp()  # (B,) exact, with grad
+    ml_grad = flat_grad(p.log().mean(), model, retain_graph=True)
+    cosines = {name: {"ml": [], "order_n": []} for name in names}  # [N index][seed]
+    for N in maxrl.progress(args.Ns, args, desc="N"):
+        order_n_grad = flat_grad(maxrl_objective(p, N).mean(), model, retain_graph=True)
+        for values in cosines.values():
+            values["ml"].append([]), values["order_n"].append([])
+        for seed in range(args.seeds):
+            generator = torch.Generator(device).manual_seed(seed)
+            completions, lengths = maxrl.sample_completions(model, prompts, N, task.max_completion_len,
+                                                      task.stop_id, generator)  # (B, N, Tc)
+            rewards = maxrl.score(task, problems, completions, lengths)  # (B, N)
+            seq_logprob = maxrl.completion_logprobs(model, prompts, completions, lengths)  # (B, N)
+            for name in names:
+                loss = maxrl.policy_gradient_loss(seq_logprob, maxrl.ESTIMATORS[name](rewards))
+                grad = flat_grad(-loss, model, retain_graph=True)
+                for target, exact in (("ml", ml_grad), ("order_n", order_n_grad)):
+                    cosines[name][target][-1].append(F.cosine_similarity(grad, exact, dim=0).item())
+    fig, axes = maxrl.new_figure(1, 2, figsize=(10, 4), sharey=True)
+    for ax, target, title in zip(axes, ["ml", "order_n"], ["exact maximum-likelihood gradient",
+                                                           "exact order-N MaxRL gradient"]):
+        for name in names:
+            values = np.array(cosines[name][target])  # (len(Ns), seeds)
+            mean = values.mean(1)
+            ax.errorbar(args.Ns, mean, yerr=[mean - values.min(1), values.max(1) - mean],
+                        marker="o", capsize=3, label=name)
+        ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"cosine to the {title}")
+        ax.set_xticks(args.Ns, [str(N) for N in args.Ns])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"cosine ({len(problems)} prompts, mean and range over {args.seeds} seeds)")
+    axes[0].legend()
+    fig.tight_layout()
+    save_figure(fig, args.out, "gradcos", {"Ns": args.Ns, "p": p.tolist(), "cosines": cosines})
+
+
+def variance_experiment(args, n_batches=32, groups=8):
+    """Gradient variance at equal order T = --T: maxrl@T and maxrl_u@T from N = --N rollouts,
+    maxrl_order_n from N = T and maxrl from N = T + 1 (all unbiased for J_T), and maxrl from N
+    (order N - 1). On --batch held-out prompts of the warm-started arith model (spread in log
+    p), one update's gradient g = mean_x g_x takes one group of N per prompt; its relative
+    variance is E|g - E g|^2 / |E g|^2 = sum_x Var[g_x] / |sum_x w_N(p_x) grad p_x|^2, with
+    Var[g_x] (summed over parameters) from n_batches batches of `groups` groups and the exact
+    mean from weight(). Times N: the same at equal rollouts (variance goes as 1 / groups)."""
+    task, N, T = args.task_obj, args.N, args.T
+    rows = list(dict.fromkeys([(f"maxrl@{T}", N, T), (f"maxrl_u@{T}", N, T), ("maxrl_order_n", T, T),
+                               ("maxrl", T + 1, T), ("maxrl", N, N - 1)]))  # (name, N, order)
+    model, device = warm_started(args)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    prompts = prompts_spread_in_log_p(model, task, device, args.batch)
+    variance, mean_grad = dict.fromkeys(rows, 0.0), dict.fromkeys(rows, 0.0)
+    for p, prompt, answer in maxrl.progress(prompts, args, desc="gradient variance"):
+        grad_p = flat_grad(target_pass_rate(model, prompt, answer), model)
+        for size in sorted({row[1] for row in rows}):  # the rows with this N share rollouts
+            weightings = {row: estimator_weighting(row[0]) for row in rows if row[1] == size}
+            batches = sampled_gradients(model, prompt, answer, size, weightings, n_batches, groups,
+                                        generator, task.max_completion_len, task.stop_id)
+            for row, grads in batches.items():  # grads (n_batches, n_params), each a mean of `groups`
+                variance[row] += groups * grads.var(0).sum().item()  # one group's estimate
+                mean_grad[row] += maxrl.weight(row[0], p, size) * grad_p  # exact E g_x
+    table = [{"estimator": row[0], "N": row[1], "order": row[2],
+              "relative_variance": variance[row] / mean_grad[row].square().sum().item()} for row in rows]
+    print(f"relative variance of one update's gradient ({len(prompts)} prompts, one group each)\n"
+          "| estimator | N | order T | relative variance | x N (equal rollouts) |\n|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['estimator']} | {r['N']} | {r['order']} | {r['relative_variance']:.3g} "
+              f"| {r['relative_variance'] * r['N']:.3g} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = {"config": maxrl.flag_record(args), "p": [row[0] for row in prompts], "rows": table}
+    (args.out / "variance.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {args.out}/variance.json")
+
+
+def with_flags(args, **changes):
+    """A copy of the parsed flags with some changed (one run of a sweep)."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def train_sweep(args, runs, ks):
+    """Train each (method, N) in runs from one shared start per seed (seeds 0 .. --seeds-1),
+    on the same prompt stream and steps: the engine of the interpolation, order and scaling
+    experiments. Returns the start's metrics per seed and {label: [one result per seed]}."""
+    task, initial, results = args.task_obj, [], {}
+    for seed in range(args.seeds):
+        seed_args = with_flags(args, seed=seed)
+        run = plumbing.CommandLineRun(seed_args)  # the warm start cached, as the main command's
+        model, _, device = run.model(task)
+        shared = maxrl.shared_start(model, task, seed_args, device, ks, run)
+        initial.append(shared["initial"])
+        for method, N in runs:
+            run_args = with_flags(seed_args, N=N)
+            start = maxrl.fresh_start(shared, run_args, device)
+            result = maxrl.train_method(method, model, task, run_args, device, start, ks, run)
+            results.setdefault(run_label(method, N), []).append(result)
+            if maxrl.Run.stop_requested:  # Ctrl-C: keep what is done
+                return initial, results
+    return initial, results
+
+
+def finish_sweep_figure(fig, axes, args, name, title, data):
+    """Legend, a title that says what the bands are, then out/name.png and out/name.json."""
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} mean and range over {args.seeds} seeds", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, args.out, name, data)
+
+
+def save_interrupted_sweep(out, name, data):
+    """Ctrl-C during a sweep: keep the finished runs (and the one cut short) as JSON; no figure."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**data, "interrupted": True}, indent=1))
+    print(f"interrupted: wrote the runs done so far to {out}/{name}.json")
+
+
+def run_label(method, N):
+    return "ml" if method == "ml" else f"{method} N={N}"
+
+
+def band(ax, x, per_seed, **style):
+    """Mean over seeds as a line, min..max over seeds as a shaded band. per_seed (seeds, len(x))."""
+    per_seed = np.asarray(per_seed)
+    line, = ax.plot(x, per_seed.mean(0), **style)
+    ax.fill_between(x, per_seed.min(0), per_seed.max(0), color=line.get_color(), alpha=0.15, lw=0)
+
+
+def curve_bands(ax, results, metric, styles):
+    """A band per run of a sweep (styles {label: plot style}): held-out metric against steps."""
+    for label, style in styles.items():
+        steps = [c["step"] for c in results[label][0]["curve"]]
+        band(ax, steps, [[c[metric] for c in r["curve"]] for r in results[label]], label=label, **style)
+    ax.set(xlabel="gradient steps", ylabel=f"held-out {metric} (exact)", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+
+
+def shade(i, n):
+    """The i-th of n colours, light to dark along viridis: a family of runs ordered by N or T."""
+    return colormap("viridis")(0.85 * i / max(n - 1, 1))
+
+
+def interpolation_experiment(args):
+    """The paper's classification figure at toy scale: ml (exact cross-entropy) and maxrl at
+    every N in --Ns, rloo and grpo at the largest N, all from the same start (no warm start:
+    p starts near 1/vocabulary) with the same prompts and steps. Held-out exact pass@1 and
+    pass@k against gradient steps; mean and range over --seeds seeds."""
+    largest, ks = max(args.Ns), maxrl.eval_ks(64)
+    runs = [("ml", largest)] + [("maxrl", N) for N in args.Ns] + [(m, largest) for m in ("rloo", "grpo")]
+    initial, results = train_sweep(args, runs, ks)
+    data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
+    if maxrl.Run.stop_requested:
+        return save_interrupted_sweep(args.out, "interpolation", data)
+    styles = {run_label(method, N): {"color": "k", "lw": 2} if method == "ml" else
+              {"color": shade(args.Ns.index(N), len(args.Ns))} if method == "maxrl" else
+              {"color": "C3" if method == "rloo" else "C1", "ls": "--"} for method, N in runs}
+    fig, axes = maxrl.new_figure(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
+        curve_bands(ax, results, metric, styles)
+    title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
+    finish_sweep_figure(fig, axes, args, "interpolation", title, data)
+
+
+def order_experiment(args):
+    """At equal rollouts, does a higher order help; at equal order, do more rollouts help?
+    On single-token arith from scratch (as interpolation): maxrl@T for each T in --Ts at
+    N = --N (top row), and maxrl@T at T = --T for each N in --Ns (bottom row), beside ml, all
+    from the same start with the same prompts and steps. Held-out exact pass@1 and pass@64
+    against steps; mean and range over --seeds seeds."""
+    ks = maxrl.eval_ks(64)
+    rows = {f"N = {args.N} rollouts, order T varies": [(f"maxrl@{T}", args.N) for T in args.Ts],
+            f"order T = {args.T}, rollouts N vary": [(f"maxrl@{args.T}", N) for N in args.Ns]}
+    runs = list(dict.fromkeys([("ml", args.N), *itertools.chain(*rows.values())]))  # a run in both: once
+    initial, results = train_sweep(args, runs, ks)
+    data = {"config": maxrl.flag_record(args), "N": args.N, "Ts": args.Ts, "T": args.T, "Ns": args.Ns,
+            "ks": ks, "initial": initial, "runs": results}
+    if maxrl.Run.stop_requested:
+        return save_interrupted_sweep(args.out, "order", data)
+    fig, axes = maxrl.new_figure(2, 2, figsize=(11, 8))
+    for row_axes, (title, row_runs) in zip(axes, rows.items()):
+        styles = {"ml": {"color": "k", "lw": 2}} | {run_label(method, N): {"color": shade(i, len(row_runs))}
+                                                    for i, (method, N) in enumerate(row_runs)}
+        for ax, metric in zip(row_axes, ["pass@1", f"pass@{max(ks)}"]):
+            curve_bands(ax, results, metric, styles)
+            ax.set_title(title, fontsize=9)
+    axes[1, 0].legend(fontsize=8)
+    title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
+    finish_sweep_figure(fig, axes[:, 0], args, "order", title, data)
+
+
+def scaling_experiment(args):
+    """The paper's maze scaling figure at toy scale: each method in --methods at each N in
+    --Ns from the same warm start (the main command's, so its cache is shared), with the same
+    prompts per step and steps; then -log pass@k on the held-out mazes (unbiased estimator
+    from 64 samples) against N, for k in 1, 8, 64. Mean and range over --seeds seeds."""
+    ks, shown = maxrl.eval_ks(64), [1, 8, 64]
+    runs = [(method, N) for method in args.methods for N in args.Ns]
+    initial, results = train_sweep(args, runs, ks)
+    data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
+    if maxrl.Run.stop_requested:
+        return save_interrupted_sweep(args.out, "scaling", data)
+    fig, axes = maxrl.new_figure(1, len(shown), figsize=(12, 4))
+    neg_log = lambda values: -np.log(np.maximum(values, 1e-4))  # nothing solved: drawn at 1e-4
+    for ax, k in zip(axes, shown):
+        ax.axhline(neg_log(np.mean([m[f"pass@{k}"] for m in initial])), color="k", ls=":",
+                   label="after warm start")
+        for method in args.methods:
+            per_seed = [[r["final"][f"pass@{k}"] for r in results[run_label(method, N)]] for N in args.Ns]
+            band(ax, args.Ns, neg_log(np.array(per_seed).T), marker="o", label=method)  # (seeds, Ns)
+        ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"-log pass@{k} (held out)")
+        ax.set_xticks(args.Ns, [str(N) for N in args.Ns])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3, which="both")
+    title = f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts;"
+    finish_sweep_figure(fig, axes, args, "scaling", title, data)
+
+# ----------------------------------------------------------------------------------------
+# The benchmark (--bench): the fast paths against naive ones, in the same run.
+
+def full_sequence_logprobs(model, prompts, completions, lengths):
+    """Reference for completion_logprobs: each completion run with its own copy of the prompt,
+    no sharing. Same inputs and output; N times the prompt work. (The benchmark and a test.)"""
+    B, N, Tc = completions.shape
+    sequences = torch.cat([prompts.repeat_interleave(N, 0), completions.reshape(B * N, Tc)], 1)
+    logits, _ = model(sequences[:, :-1])  # (B*N, Tp+Tc-1, V)
+    targets = sequences[:, -Tc:, None]  # (B*N, Tc, 1)
+    token_logprob = logits[:, -Tc:].log_softmax(-1).gather(-1, targets)[..., 0]  # (B*N, Tc)
+    mask = torch.arange(Tc, device=prompts.device) < lengths.reshape(B * N, 1)
+    return (token_logprob * mask).sum(-1).view(B, N)
+
+
+def median_seconds(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def print_profile(name, fn, device, rows=12):
+    """--bench --profile: one call of fn under torch.profiler; the operations that took longest."""
+    with torch.profiler.profile() as profiler:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    print(f"\n{name}, one call:")
+    sort_by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
+def benchmark(args, repeats=3):
+    """--bench: the cached, shared-prefix paths against naive ones, in the same run. Sampling:
+    KV cache with each prompt prefilled once vs recomputing every sequence at every step.
+    Training step (forward + backward of the policy-gradient loss): shared-prefix vs
+    full-sequence forward. The model is freshly initialised (no warm start; its completions
+    are random, about 15 tokens on nav): this measures the cost of each path, not of a policy."""
+    task = args.task_obj
+    model, _, device = plumbing.CommandLineRun(args).model(task)
+    prompts = maxrl.prompt_tensor(task, task.sample_train(args.batch, random.Random(args.seed)), device)
+
+    def sample(use_cache):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        return maxrl.sample_completions(model, prompts, args.N, task.max_completion_len, task.stop_id,
+                                  generator, use_cache=use_cache)
+
+    completions, lengths = sample(True)  # (B, N, Tc), (B, N); also warms up
+    rewards = torch.randint(0, 2, lengths.shape, device=device).float()  # (B, N)
+
+    def train_step(logprob_fn):
+        model.zero_grad(set_to_none=True)
+        loss = maxrl.policy_gradient_loss(logprob_fn(model, prompts, completions, lengths), maxrl.maxrl(rewards))
+        loss.backward()
+
+    train_step(maxrl.completion_logprobs)  # warm-up
+    n_tokens = lengths.sum().item()
+    paths = {"sampling, no cache": lambda: sample(False), "sampling, cached": lambda: sample(True),
+             "train step, full sequences": lambda: train_step(full_sequence_logprobs),
+             "train step, shared prefix": lambda: train_step(maxrl.completion_logprobs)}
+    seconds = {name: median_seconds(fn, device, repeats) for name, fn in paths.items()}
+    if args.profile:
+        for name, fn in paths.items():
+            print_profile(name, fn, device)
+    print(f"{args.batch} prompts x N={args.N} completions of {lengths.float().mean():.1f} tokens, "
+          f"prompt {task.prompt_len} tokens; median of {repeats} repeats")
+    for name, sec in seconds.items():
+        print(f"  {name:<28} {sec * 1e3:9.1f} ms   {n_tokens / sec:12,.0f} completion tokens/s")
+    sampling = seconds["sampling, no cache"] / seconds["sampling, cached"]
+    training = seconds["train step, full sequences"] / seconds["train step, shared prefix"]
+    print(f"bench: sampling {sampling:.1f}x, training {training:.1f}x")
+
+
+EXPERIMENTS = {"weights": weights_experiment, "gradnorm": gradnorm_experiment, "gradcos": gradcos_experiment,
+               "variance": variance_experiment, "interpolation": interpolation_experiment,
+               "order": order_experiment, "scaling": scaling_experiment, "bench": benchmark}
