@@ -2,8 +2,8 @@
 
 MaxRL (Tajwar et al. 2026, arXiv 2602.02710). For a prompt x with a binary reward, let
 p = p_theta(x) be the probability that one sampled completion is correct. RL maximises p;
-maximum likelihood would maximise log p = -sum_{k>=1} (1-p)^k / k, a series of pass@k terms
-of which RL keeps only the first. MaxRL keeps the first T terms, and its gradient is a
+maximum likelihood would maximise log p = -sum_{k>=1} (1-p)^k / k, a series in the
+(1-p)^k = 1 - pass@k of which RL keeps only the first. MaxRL keeps the first T terms, and its gradient is a
 re-weighted policy gradient:
 
     J_T(x) = -sum_{k=1..T} (1-p)^k / k        grad J_T = w_T(p) grad p,   w_T(p) = (1-(1-p)^T) / p
@@ -14,7 +14,7 @@ The algorithm is identical to RLOO / GRPO training (sample N completions per pro
 them 0/1, weight each completion's log-probability by an advantage) except:
   1. the advantage is A_j = (r_j - mean) / mean = N r_j / K - 1  (K = successes in the group):
      the policy-gradient sum is normalised by the number of successes K, not by N;
-     GRPO divides by the standard deviation instead, RLOO by nothing;
+     GRPO divides by the standard deviation instead; RLOO subtracts the others' mean only;
   2. groups with no success (K = 0) contribute nothing (the paper's Algorithm 1), which makes
      the estimator exactly unbiased for J_T with T = N - 1; keeping the control variate -1 in
      all-fail groups (`maxrl_order_n`) gives order T = N (the paper's Theorem 2);
@@ -24,10 +24,10 @@ How to read this file: the lesson runs from here to the end of the main command
 (`compare_methods`), each part using only what stands above it: 1. the five estimators side
 by side, the loss, pass@k and their exact weights; 2. the model; 3. sampling and log-probs;
 4. evaluation; 5. training: the warm start, one RL step (`rl_loss`), the loop (`train_method`);
-6. the main command. After it, under a banner, what makes the lesson a tool: the order-T
-estimator families (maxrl@T, maxrl_u@T, passk@k), the warm-start cache, checkpoints for Ctrl-C
-and --resume, torchrun, the GPU options and the command line. The paper's experiments and the
-benchmark are in notebooks/experiments.py (run as python maxrl.py --experiment=NAME, --bench).
+6. the main command. After it, under a banner: the order-T estimator families (maxrl@T,
+maxrl_u@T, passk@k) and the command line (args, the parsed flags). The warm-start cache,
+checkpoints, Ctrl-C and --resume, torchrun and the GPU options are in notebooks/plumbing.py;
+the experiments and the benchmark in notebooks/experiments.py (python maxrl.py --experiment=X).
 
     python maxrl.py --task=nav --N=16     rloo, grpo, maxrl side by side (python maxrl.py --help)
     pytest                                the estimators' proofs
@@ -136,7 +136,8 @@ def pass_at_k(n, c, k):
 
 
 def weight(name, p, N):
-    """Exact finite-N weight w_N(p) of ESTIMATORS[name]: E[(1/N) sum_j A_j S_j] = w_N(p) grad p.
+    """Exact weight w_N(p) of ESTIMATORS[name] at group size N (maxrl: w_{T=N-1} of the docstring).
+    E[(1/N) sum_j A_j S_j] = w_N(p) grad p.
 
     With a(r, K) the advantage of a completion with reward r in a group with K successes,
     conditioning on the other N - 1 rewards (k successes among them, k ~ Binom(N - 1, p)) and
@@ -272,14 +273,14 @@ class Transformer(nn.Module):
         return logits.float(), layer_kv
 
     def decoder(self, prompt_kv, n, capacity):
-        """Decoding's step: token (B*n, 1) -> logits (B*n, V) of the next token, extending a KV
+        """One decoding step: token (B*n, 1) -> logits (B*n, V) of the next token, extending a KV
         cache that starts as the prompts' keys/values, each shared by its n completions."""
         cache = KVCache(prompt_kv, n, capacity)
         return lambda token: self(token, cache)[0][:, -1]
 
 
 def build_model(args, task):
-    """A freshly initialised transformer (seeded by --seed) on --device (auto: a GPU if any)."""
+    """A fresh transformer (seeded by --seed) on --device for a task (toy_tasks.py's interface)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
@@ -462,7 +463,7 @@ def warm_start(model, task, args, device):
 
 class Run:
     """Where the main command meets what lies beyond the lesson, in the plainest form: build the
-    model, warm-start it, keep nothing on disk; Ctrl-C sets Run.stop_requested. The command line's
+    model, warm-start it, keep nothing; the command line's Ctrl-C handler sets stop_requested. Its
     subclass adds a warm-start cache, checkpoints (Ctrl-C, --resume), torchrun and GPU options."""
     stop_requested = False
 
@@ -472,7 +473,7 @@ class Run:
     def stop(self, device): return Run.stop_requested  # stop after this step?
     def saved(self, device): return None  # the state of an interrupted run to continue from
     def save(self, state): pass  # the run's state: its warm start, the methods done, the current one
-    def save_progress(self, method, progress): pass  # the current method's whole training state
+    def save_progress(self, method, state): pass  # the current method's whole training state
     def finish(self, summary): pass  # the run is over and reported
 
 
@@ -480,7 +481,7 @@ def fresh_start(shared, args, device):
     """A method's training state at step 0; save_progress records the same keys at later steps."""
     return {"step": 0, "model": shared["init_state"], "optimizer": None,
             "prompt_rng": random.Random(f"prompts-{args.seed}").getstate(),  # same prompts for every method
-            "generator": torch.Generator(device).manual_seed(args.seed + 1_000_003 * args.rank).get_state(),
+            "generator": torch.Generator(device).manual_seed(args.seed + 1_000_003 * args.rank).get_state(),  # per process
             "curve": [{"step": 0, "rollouts": 0, **shared["initial"]}], "window": [], "failures": [], "wall_s": 0.0}
 
 
