@@ -28,9 +28,7 @@ by side, the loss, pass@k and their exact weights; 2. the model; 3. sampling and
 maxrl_u@T, passk@k) and the command line (args, the parsed flags). The warm-start cache,
 checkpoints, Ctrl-C and --resume, torchrun and the GPU options are in notebooks/plumbing.py;
 the experiments and the benchmark in notebooks/experiments.py (python maxrl.py --experiment=X).
-
-    python maxrl.py --task=nav --N=16     rloo, grpo, maxrl side by side (python maxrl.py --help)
-    pytest                                the estimators' proofs
+Run: python maxrl.py --task=nav --N=16 (rloo, grpo, maxrl side by side; --help for the rest).
 """
 
 import functools
@@ -398,7 +396,8 @@ def eval_ks(N):
 def evaluate(model, task, ks, seed, batch=32, n_failures=3):
     """Held-out metrics. pass@k is exact, 1 - (1-p)^k with p by teacher forcing, when the task's
     answers are unique (arith); otherwise the unbiased estimator from n = max(ks) samples.
-    coverage is the fraction of prompts with at least one success among the n samples."""
+    coverage is the fraction of prompts with at least one success among the n samples. Returns
+    the metrics, p and the success count of each prompt (in the split's order), and a few failures."""
     n, device = max(ks), model.embed.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     successes, exact_p, failures = [], [], []
@@ -418,7 +417,7 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
     metrics = {f"pass@{k}": float(np.mean(1 - (1 - p) ** k if task.unique_answers
                                           else pass_at_k(n, c, k))) for k in ks}
     metrics["coverage"] = float(np.mean(c > 0))
-    return metrics, p, failures[:n_failures]
+    return metrics, p, c.astype(int).tolist(), failures[:n_failures]
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,11 +477,11 @@ class Run:
 
 
 def fresh_start(shared, args, device):
-    """A method's training state at step 0; save_progress records the same keys at later steps."""
-    return {"step": 0, "model": shared["init_state"], "optimizer": None,
+    """A method's training state at step 0 (a sampling stream per process); save_progress: later steps."""
+    return {"step": 0, "model": shared["init_state"], "optimizer": None, "wall_s": 0.0,
             "prompt_rng": random.Random(f"prompts-{args.seed}").getstate(),  # same prompts for every method
-            "generator": torch.Generator(device).manual_seed(args.seed + 1_000_003 * args.rank).get_state(),  # per process
-            "curve": [{"step": 0, "rollouts": 0, **shared["initial"]}], "window": [], "failures": [], "wall_s": 0.0}
+            "generator": torch.Generator(device).manual_seed(args.seed + 1_000_003 * args.rank).get_state(),
+            "curve": [{"step": 0, "rollouts": 0, **shared["initial"]}], "window": [], "failures": [], "successes": []}
 
 
 def restore(start, model, args, device):
@@ -503,7 +502,8 @@ def train_method(method, model, task, args, device, start, ks, run):
     the curve, the final metrics and the wall time."""
     started = time.time() - start["wall_s"]
     optimizer, prompt_rng, generator = restore(start, model, args, device)
-    curve, window, failures, step = start["curve"], start["window"], start["failures"], start["step"]
+    curve, window, step = start["curve"], start["window"], start["step"]
+    failures, successes = start["failures"], start["successes"]  # of the latest evaluation
     label = f"{method:>5} N={args.N:<4} seed {args.seed}"
     bar = progress(range(step + 1, args.steps + 1), args, initial=step, total=args.steps, desc=label)
     for step in bar:
@@ -516,7 +516,7 @@ def train_method(method, model, task, args, device, start, ks, run):
         optimizer.step()
         window.append(stats)
         if step % args.eval_every == 0 or step == args.steps:
-            metrics, _, failures = evaluate(model, task, ks, seed=args.seed + 1)
+            metrics, _, successes, failures = evaluate(model, task, ks, seed=args.seed + 1)
             train_stats = {f"train_{key}": float(np.mean([s[key] for s in window])) for key in window[0]}
             curve.append({"step": step, "rollouts": step * args.batch * args.N, **metrics, **train_stats})
             window = []
@@ -527,15 +527,15 @@ def train_method(method, model, task, args, device, start, ks, run):
             run.save_progress(method, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                        "prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
                                        "curve": curve, "window": window, "failures": failures,
-                                       "wall_s": time.time() - started})
+                                       "successes": successes, "wall_s": time.time() - started})
         bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=curve[-1]["pass@1"])
         if stop:
             break
     if step < args.steps and curve[-1]["step"] != step:  # stopped early: report the weights it stopped with
-        curve = curve + [{"step": step, "rollouts": step * args.batch * args.N,
-                          **evaluate(model, task, ks, seed=args.seed + 1)[0]}]
-    return {"final": curve[-1], "curve": curve, "wall_s": time.time() - started,
-            "failures": failures, "interrupted": step < args.steps}
+        metrics, _, successes, failures = evaluate(model, task, ks, seed=args.seed + 1)
+        curve = curve + [{"step": step, "rollouts": step * args.batch * args.N, **metrics}]
+    return {"final": curve[-1], "curve": curve, "wall_s": time.time() - started, "failures": failures,
+            "per_prompt_successes": successes, "interrupted": step < args.steps}
 
 
 # ----------------------------------------------------------------------------------------
@@ -545,9 +545,9 @@ def shared_start(model, task, args, device, ks, run):
     """The warm start every method trains from, and its held-out metrics (pass@k for k in ks)."""
     started = time.time()
     run.warm_start(model, task, device)
-    initial, per_prompt_p, _ = evaluate(model, task, ks, seed=args.seed + 1)
+    initial, per_prompt_p, successes, _ = evaluate(model, task, ks, seed=args.seed + 1)
     return {"init_state": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,
-            "per_prompt_p": per_prompt_p, "warm_start_s": time.time() - started}
+            "per_prompt_p": per_prompt_p, "successes": successes, "warm_start_s": time.time() - started}
 
 
 def print_table(initial, warm_start_s, results, ks):
@@ -611,6 +611,7 @@ def write_results(args, model_cfg, device, shared, results, ks):
     summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
                "interrupted": interrupted, "initial": shared["initial"],
                "initial_pass_rate_quartiles": np.percentile(shared["per_prompt_p"], [25, 50, 75]).tolist(),
+               "initial_per_prompt_successes": shared["successes"], "samples_per_prompt": max(ks),
                "warm_start_wall_s": shared["warm_start_s"], "methods": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -757,8 +758,6 @@ def estimator_problem(name, N):
         return str(err)
 
 
-
-
 # ----------------------------------------------------------------------------------------
 # 8. Command line. Every check runs here, before anything is built or written; bad input is
 #    one line on stderr and exit code 2.
@@ -830,6 +829,8 @@ def build_parser():
     group.add_argument("--train-pool", type=NATURAL, default=0,
                        help="train on a fixed pool of this many prompts, sampled with replacement (the "
                             "paper's data-scarce regime); 0 = a fresh prompt every draw (infinite data)")
+    group.add_argument("--max-moves", type=NATURAL, default=0,
+                       help="nav: the goal at a shortest-path distance uniform in 1..MAX_MOVES (0 = any square)")
     group.add_argument("--loops", type=float, default=0.0,
                        help="nav: fraction of inner walls knocked out, for several shortest paths")
     group.add_argument("--digits", type=int, default=2, help="arith: longest operand, in digits")
@@ -952,7 +953,7 @@ def parse_args(argv=None):
     try:
         args.task_obj = make_task(args.task, n_test=args.eval_prompts, size=args.size,
                                   loops=args.loops, digits=args.digits, ops=args.ops,
-                                  single_token=args.single_token, train_pool=args.train_pool)
+                                  single_token=args.single_token, train_pool=args.train_pool, max_moves=args.max_moves)
     except ValueError as err:
         parser.error(str(err))
     default_out = f"runs/{args.task}-N{args.N}" if args.experiment == "compare" else f"runs/{args.experiment}"

@@ -438,6 +438,48 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_sequence(task):
         assert torch.allclose(shared, full, atol=1e-5)
 
 
+# ---------------------------------------------------------------- paired comparisons
+
+def test_paired_differences_are_the_table_differences_and_zero_against_itself():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 17, 50), rng.integers(0, 17, 50)
+    table = experiments.paired_differences({"a": a, "b": b, "a again": a}, "a", 16, [1, 4])
+    assert table["a again"] == {m: [0.0, 0.0, 0.0] for m in ("pass@1", "pass@4", "coverage")}
+    for k in (1, 4):  # the mean is exactly the difference of the two methods' pass@k over the prompts
+        assert table["b"][f"pass@{k}"][0] == pytest.approx(pass_at_k(16, a, k).mean() - pass_at_k(16, b, k).mean(),
+                                                           abs=1e-12)
+    mean, low, high = table["b"]["coverage"]
+    assert low <= mean <= high and mean == pytest.approx(np.mean(a > 0) - np.mean(b > 0))
+
+
+def test_paired_bootstrap_interval_covers_the_true_difference():
+    """Synthetic held-out sets: 200 prompts with true pass rates p ~ U(0, 1) for one method and p/2
+    for the other, 16 samples each, so the true mean pass@1 difference is 1/4. The 95% interval
+    of paired_differences must cover it in 91%..99% of 400 repetitions (about 95% expected; the
+    binomial sd of the coverage is 1.1%, so each bound is 3.6 sd away: false-failure probability
+    about 3e-4). A 90% interval (~90% coverage) or an unpaired one fails. Fixed seeds."""
+    rng = np.random.default_rng(1)
+    covered = 0
+    for repetition in range(400):
+        p = rng.uniform(0, 1, 200)
+        counts = {"a": rng.binomial(16, p), "b": rng.binomial(16, p / 2)}
+        _, low, high = experiments.paired_differences(counts, "a", 16, [1], resamples=1000,
+                                                      seed=repetition)["b"]["pass@1"]
+        covered += low <= 0.25 <= high
+    assert 0.91 <= covered / 400 <= 0.99, covered / 400
+
+
+def test_mazes_with_a_maximum_path_length_spread_evenly():
+    task = Navigation(size=9, n_test=240, max_moves=6)
+    lengths = Counter(task.path_length(problem) for problem in task.test_problems)
+    assert sorted(lengths) == [1, 2, 3, 4, 5, 6] and min(lengths.values()) >= 20  # about 40 each
+    for problem in task.sample_train(20, random.Random(0)):
+        assert task.check(problem, task.reference_completion(problem))[0]
+        assert 1 <= task.path_length(problem) <= 6
+    with pytest.raises(ValueError, match="max moves"):
+        Navigation(size=9, n_test=8, max_moves=21)
+
+
 # ---------------------------------------------------------------- command line
 
 def run_cli(*flags, cwd=HERE):
@@ -469,6 +511,13 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
         assert {"step", "rollouts", "pass@1"} <= method["curve"][-1].keys()
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert (tmp_path / "pass_at_k.png").stat().st_size > 0
+    assert summary["samples_per_prompt"] == 2 ** (max(summary["N"] - 1, 1).bit_length())  # max(eval_ks(N))
+    for successes in [summary["initial_per_prompt_successes"]] + [m["per_prompt_successes"]
+                                                                   for m in summary["methods"].values()]:
+        assert len(successes) == 8 and all(0 <= c <= summary["samples_per_prompt"] for c in successes)
+    reference = summary["analysis"]["reference"]
+    assert set(summary["analysis"]["paired"]) == {"start", *summary["methods"]} - {reference}
+    assert "minus each, on the same 8 held-out prompts" in result.stdout
 
 
 @pytest.mark.parametrize("experiment, key", [("weights", "N"), ("gradnorm", "N"), ("gradcos", "Ns")])
@@ -548,7 +597,7 @@ BAD_FLAGS = [
     ["--experiment=scaling", "--Ns=4,16", "--methods=maxrl@8"],
     ["--experiment=order", "--Ts=1,512"], ["--experiment=order", "--T=8", "--Ns=4,16"],
     ["--experiment=order", "--Ts=1,x"], ["--experiment=variance", "--T=17"],
-    ["--experiment=variance", "--T=0"], ["--profile"],
+    ["--experiment=variance", "--T=0"], ["--profile"], ["--max-moves=30"], ["--max-moves=-1"],
 ] + ([["--device=cuda"], ["--cuda-graphs"], ["--cuda-graphs", "--compile"]] if not torch.cuda.is_available() else [])
 
 

@@ -164,7 +164,8 @@ class Navigation(Task):
 
     A maze is a size x size grid (size odd); cells sit at odd coordinates, the border is wall.
     Each maze gets a random start and goal (distinct open squares), so the distance to walk,
-    and with it the difficulty, varies across prompts. `loops` knocks out that fraction of the
+    and with it the difficulty, varies across prompts; with max_moves = D the goal is drawn at a
+    shortest-path distance uniform in 1..D from the start instead, so difficulties spread evenly. `loops` knocks out that fraction of the
     remaining inner walls, so several distinct shortest paths can exist.
 
     Encoding (one token per square, word-level as in the paper):
@@ -189,12 +190,14 @@ class Navigation(Task):
     (the paper's infinite-data regime) unless train_pool fixes a finite set.
     """
 
-    def __init__(self, size=9, loops=0.0, n_test=128, seed=0, train_pool=0):
+    def __init__(self, size=9, loops=0.0, n_test=128, seed=0, train_pool=0, max_moves=0):
         if size < 5 or size % 2 == 0 or size > 31:
             raise ValueError(f"maze size must be odd and in [5, 31] (got {size})")
         if not 0.0 <= loops <= 1.0:
             raise ValueError(f"loops must be a fraction in [0, 1] (got {loops})")
-        self.size, self.loops = size, loops
+        if not 0 <= max_moves <= size * size // 4:
+            raise ValueError(f"max moves must be in [0, {size * size // 4}] for size {size} (got {max_moves})")
+        self.size, self.loops, self.max_moves = size, loops, max_moves
         self.prompt_len = 2 + size * (size + 1) + 2
         self.max_completion_len = size * size // 2 + 1  # enough for any shortest path, plus DONE
         names = [WALL, PATH, START, GOAL, "NEWLINE", "GRID_START", "GRID_END", "PATH_START"]
@@ -204,8 +207,20 @@ class Navigation(Task):
     def random_problem(self, rng):
         grid = prim_maze(self.size, rng, self.loops)
         open_squares = [(r, c) for r in range(self.size) for c in range(self.size) if grid[r][c]]
-        start, goal = rng.sample(open_squares, 2)
-        return (grid, start, goal)
+        if not self.max_moves:
+            start, goal = rng.sample(open_squares, 2)
+            return (grid, start, goal)
+        moves = rng.randint(1, self.max_moves)  # the shortest path's length, uniform in 1..max_moves
+        while True:  # a start with a square that far (almost always the first)
+            start = rng.choice(open_squares)
+            _, distance = bfs_tree(grid, start)
+            goals = [square for square, d in distance.items() if d == moves]
+            if goals:
+                return (grid, start, rng.choice(goals))
+
+    def path_length(self, problem):
+        """Moves of a shortest path: how hard the maze is."""
+        return len(shortest_path(*problem))
 
     def key(self, problem):
         return problem[0]
@@ -264,20 +279,25 @@ def prim_maze(size, rng, loops=0.0):
     return tuple(tuple(row) for row in grid)
 
 
-def shortest_path(grid, start, goal):
-    """Breadth-first search; returns the moves of one shortest path from start to goal."""
-    came_from = {start: None}
+def bfs_tree(grid, start):
+    """Breadth-first search over the open squares from start: {square: (previous square, move)}
+    (start maps to None) and {square: number of moves from start}."""
+    came_from, distance = {start: None}, {start: 0}
     queue = deque([start])
     while queue:
         square = queue.popleft()
-        if square == goal:
-            break
         for name, (dr, dc) in MOVES.items():
             nxt = (square[0] + dr, square[1] + dc)
             inside = 0 <= nxt[0] < len(grid) and 0 <= nxt[1] < len(grid)
             if inside and grid[nxt[0]][nxt[1]] and nxt not in came_from:
-                came_from[nxt] = (square, name)
+                came_from[nxt], distance[nxt] = (square, name), distance[square] + 1
                 queue.append(nxt)
+    return came_from, distance
+
+
+def shortest_path(grid, start, goal):
+    """The moves of one shortest path from start to goal (the first one breadth-first search finds)."""
+    came_from, _ = bfs_tree(grid, start)
     moves = []
     while came_from[goal] is not None:
         goal, name = came_from[goal]
@@ -286,10 +306,11 @@ def shortest_path(grid, start, goal):
 
 
 def make_task(name, n_test=128, seed=0, size=9, loops=0.0, digits=2, ops="+", single_token=False,
-              train_pool=0):
+              train_pool=0, max_moves=0):
     """Build a task by CLI name; raises ValueError with a readable message on bad settings."""
     if name == "nav":
-        return Navigation(size=size, loops=loops, n_test=n_test, seed=seed, train_pool=train_pool)
+        return Navigation(size=size, loops=loops, n_test=n_test, seed=seed, train_pool=train_pool,
+                          max_moves=max_moves)
     if name == "arith":
         return Arithmetic(digits=digits, ops=ops, n_test=n_test, seed=seed, single_token=single_token,
                           train_pool=train_pool)

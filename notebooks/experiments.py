@@ -435,6 +435,79 @@ def scaling_experiment(args):
     finish_sweep_figure(fig, axes, args, "scaling", title, data)
 
 # ----------------------------------------------------------------------------------------
+# After the main command: each method against maxrl on the same held-out prompts, with a
+# bootstrap interval, and on which prompts (by shortest-path length, for mazes) it happens.
+
+def paired_differences(successes, reference, n, ks, resamples=2000, seed=0):
+    """{name: {metric: [mean, low, high]}}: mean over prompts of metric(reference) - metric(name),
+    metric pass@k (unbiased, from n samples) or coverage, and its 95% bootstrap interval
+    (resampling prompts, the same resample for both). successes {name: per-prompt counts}."""
+    counts = {name: np.asarray(c, dtype=np.float64) for name, c in successes.items()}  # (P,) each
+    per_prompt = lambda c: {**{f"pass@{k}": maxrl.pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}
+    resample = np.random.default_rng(seed).integers(0, len(counts[reference]), (resamples, len(counts[reference])))
+    table = {}
+    for name in counts:
+        if name != reference:
+            diffs = {m: v - per_prompt(counts[name])[m] for m, v in per_prompt(counts[reference]).items()}
+            table[name] = {m: [float(d.mean()), *np.percentile(d[resample].mean(1), [2.5, 97.5]).tolist()]
+                           for m, d in diffs.items()}
+    return table
+
+
+def length_bins(lengths):
+    """{label: mask} for the bins of shortest-path length (moves) that hold mazes."""
+    lengths, edges = np.asarray(lengths), [1, 3, 5, 7, 10, 14, 10**9]
+    bins = {f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+": (lengths >= lo) & (lengths < hi)
+            for lo, hi in zip(edges, edges[1:])}
+    return {label: mask for label, mask in bins.items() if mask.any()}
+
+
+def by_path_length(successes, lengths, n, k):
+    """{name: {bin: mean pass@k over the mazes of that bin of shortest-path length}}."""
+    bins = length_bins(lengths)
+    return {name: {label: float(maxrl.pass_at_k(n, np.asarray(c, dtype=np.float64), k)[mask].mean())
+                   for label, mask in bins.items()} for name, c in successes.items()}
+
+
+def pass_rate_histogram(successes, lengths, n):
+    """The warm start's spread: {bin of path length, and "all": {successes out of n: mazes}} with
+    the classes 0, 1, 2-3, 4-7, ... up to n."""
+    c, edges = np.asarray(successes), [0, 1] + [2**i for i in range(1, n.bit_length())] + [n, n + 1]
+    edges = sorted(set(edges))
+    classes = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"): (c >= lo) & (c < hi) for lo, hi in zip(edges, edges[1:])}
+    rows = length_bins(lengths) | {"all": np.ones(len(c), dtype=bool)}
+    return {row: {label: int((members & mask).sum()) for label, members in classes.items()} for row, mask in rows.items()}
+
+
+def report_paired(summary, args):
+    """Print the paired differences to maxrl (and for mazes pass@k by path length and the warm
+    start's pass-rate histogram); add them to summary["analysis"] and rewrite results.json."""
+    n, task, methods = summary["samples_per_prompt"], args.task_obj, summary["methods"]
+    successes = {"start": summary["initial_per_prompt_successes"]} | {
+        name: r["per_prompt_successes"] for name, r in methods.items() if r.get("per_prompt_successes")}
+    reference = "maxrl" if "maxrl" in successes else list(successes)[-1]
+    ks = sorted({1, n})
+    analysis = {"reference": reference, "paired": paired_differences(successes, reference, n, ks)}
+    print(f"\n{reference} minus each, on the same {len(successes[reference])} held-out prompts (from {n} samples "
+          "each; mean, 95% bootstrap interval over prompts):")
+    for name, row in analysis["paired"].items():
+        print(f"{name:>13} " + "  ".join(f"{m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in row.items()))
+    if hasattr(task, "path_length"):
+        lengths = [task.path_length(problem) for problem in task.test_problems]
+        analysis["by_path_length"] = by_path_length(successes, lengths, n, n)
+        analysis["start_pass_rate_histogram"] = pass_rate_histogram(successes["start"], lengths, n)
+        print(f"\npass@{n} by shortest-path length, moves (mazes: "
+              + ", ".join(f"{label} {int(mask.sum())}" for label, mask in length_bins(lengths).items()) + ")")
+        for name, row in analysis["by_path_length"].items():
+            print(f"{name:>13} " + " ".join(f"{label:>6} {value:.3f}" for label, value in row.items()))
+        print(f"\nwarm start: held-out mazes by successes out of {n}, by path length")
+        for row, classes in analysis["start_pass_rate_histogram"].items():
+            print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
+    summary["analysis"] = analysis
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+
+
+# ----------------------------------------------------------------------------------------
 # The benchmark (--bench): the fast paths against naive ones, in the same run.
 
 def full_sequence_logprobs(model, prompts, completions, lengths):

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import maxrl
 import toy_tasks
 
-WARM_START_FLAGS = ("task", "size", "loops", "digits", "ops", "single_token", "train_pool", "eval_prompts",
-                    "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed", "world",
-                    "compile")
+WARM_START_FLAGS = ("task", "size", "max_moves", "loops", "digits", "ops", "single_token", "train_pool",
+                    "eval_prompts", "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed",
+                    "world", "compile")
 
 
 def warm_start_key(args, device):
@@ -129,7 +129,9 @@ class CommandLineRun(maxrl.Run):
         if self.checkpoint:
             self.save(self.state | {"current": {"method": method, "state": progress}})
 
-    def finish(self, summary):
+    def finish(self, summary):  # the paired comparison and where it comes from; then no checkpoint is needed
+        import experiments
+        experiments.report_paired(summary, self.args)
         if self.checkpoint and not summary["interrupted"]:
             self.checkpoint.unlink()
 
