@@ -443,7 +443,8 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_sequence(task):
 def test_paired_differences_are_the_table_differences_and_zero_against_itself():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 17, 50), rng.integers(0, 17, 50)
-    table = experiments.paired_differences({"a": a, "b": b, "a again": a}, "a", 16, [1, 4])
+    differences = experiments.per_prompt_differences({"a": a, "b": b, "a again": a}, "a", 16, [1, 4])
+    table = experiments.paired_differences([differences])
     assert table["a again"] == {m: [0.0, 0.0, 0.0] for m in ("pass@1", "pass@4", "coverage")}
     for k in (1, 4):  # the mean is exactly the difference of the two methods' pass@k over the prompts
         assert table["b"][f"pass@{k}"][0] == pytest.approx(pass_at_k(16, a, k).mean() - pass_at_k(16, b, k).mean(),
@@ -463,10 +464,22 @@ def test_paired_bootstrap_interval_covers_the_true_difference():
     for repetition in range(400):
         p = rng.uniform(0, 1, 200)
         counts = {"a": rng.binomial(16, p), "b": rng.binomial(16, p / 2)}
-        _, low, high = experiments.paired_differences(counts, "a", 16, [1], resamples=1000,
-                                                      seed=repetition)["b"]["pass@1"]
+        differences = experiments.per_prompt_differences(counts, "a", 16, [1])
+        _, low, high = experiments.paired_differences([differences], resamples=1000, seed=repetition)["b"]["pass@1"]
         covered += low <= 0.25 <= high
     assert 0.91 <= covered / 400 <= 0.99, covered / 400
+
+
+def test_pooled_over_runs_is_the_mean_of_the_runs_with_a_narrower_interval():
+    """Two runs with the same per-prompt differences: the pooled mean is theirs, and the interval
+    (resampling prompts within each run) is narrower than one run's, by about sqrt(2)."""
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 17, 100), rng.integers(0, 17, 100)
+    run = experiments.per_prompt_differences({"a": a, "b": b}, "a", 16, [16])
+    (one_mean, one_low, one_high), (two_mean, two_low, two_high) = (
+        experiments.paired_differences(runs)["b"]["pass@16"] for runs in ([run], [run, run]))
+    assert two_mean == pytest.approx(one_mean, abs=1e-12)
+    assert 1.2 < (one_high - one_low) / (two_high - two_low) < 1.7
 
 
 def test_mazes_with_a_maximum_path_length_spread_evenly():
@@ -941,7 +954,7 @@ def test_same_flags_and_seed_give_identical_results(tmp_path, uninterrupted):
 def test_ctrl_c_keeps_results_and_resume_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
     """SIGINT once a checkpoint exists: the run finishes its step, writes results.json marked
     interrupted and its plots, exits 130; --resume then ends with the uninterrupted results."""
-    process = subprocess.Popen([sys.executable, str(HERE / "maxrl.py"), *LONG_TINY, f"--out={tmp_path}", "--no-cache"],
+    process = subprocess.Popen([sys.executable, str(HERE / "maxrl.py"), *LONG_TINY, "--no-cache", f"--out={tmp_path}"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:

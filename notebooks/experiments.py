@@ -9,20 +9,26 @@ transformer: what maxrl.py's lesson does not need. Run them from the project roo
     python maxrl.py --experiment=scaling          -log pass@k against N on mazes
     python maxrl.py --bench [--profile]           the cached, shared-prefix paths against naive ones
 Each writes JSON and a PNG to --out (bench prints). The tests and notebook 02 import the checks.
+After the main command, report_paired prints each method against maxrl on the same held-out
+prompts; python notebooks/experiments.py DIR1/results.json DIR2/results.json ... pools that over runs.
 """
 
 import argparse
 import itertools
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import maxrl
-import plumbing
+if __name__ == "__main__":  # run as a script (pooling results): maxrl.py is one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import maxrl  # noqa: E402
+import plumbing  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Checking the estimators on the real model (the tests and --experiment=weights use this).
@@ -438,20 +444,44 @@ def scaling_experiment(args):
 # After the main command: each method against maxrl on the same held-out prompts, with a
 # bootstrap interval, and on which prompts (by shortest-path length, for mazes) it happens.
 
-def paired_differences(successes, reference, n, ks, resamples=2000, seed=0):
-    """{name: {metric: [mean, low, high]}}: mean over prompts of metric(reference) - metric(name),
-    metric pass@k (unbiased, from n samples) or coverage, and its 95% bootstrap interval
-    (resampling prompts, the same resample for both). successes {name: per-prompt counts}."""
-    counts = {name: np.asarray(c, dtype=np.float64) for name, c in successes.items()}  # (P,) each
+def run_successes(summary):
+    """From a main command's results.json: {"start" and each method: per-prompt success counts},
+    the reference (maxrl if it ran) and the samples per prompt."""
+    successes = {"start": summary["initial_per_prompt_successes"]} | {
+        name: r["per_prompt_successes"] for name, r in summary["methods"].items() if r.get("per_prompt_successes")}
+    return successes, "maxrl" if "maxrl" in successes else list(successes)[-1], summary["samples_per_prompt"]
+
+
+def per_prompt_differences(successes, reference, n, ks):
+    """{name: {metric: metric(reference) - metric(name), per prompt (P,)}}, the metrics pass@k
+    (unbiased, from n samples) and coverage; successes {name: per-prompt counts, same prompts}."""
     per_prompt = lambda c: {**{f"pass@{k}": maxrl.pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}
-    resample = np.random.default_rng(seed).integers(0, len(counts[reference]), (resamples, len(counts[reference])))
-    table = {}
-    for name in counts:
-        if name != reference:
-            diffs = {m: v - per_prompt(counts[name])[m] for m, v in per_prompt(counts[reference]).items()}
-            table[name] = {m: [float(d.mean()), *np.percentile(d[resample].mean(1), [2.5, 97.5]).tolist()]
-                           for m, d in diffs.items()}
-    return table
+    counts = {name: np.asarray(c, dtype=np.float64) for name, c in successes.items()}  # (P,) each
+    ours = per_prompt(counts[reference])
+    return {name: {m: ours[m] - v for m, v in per_prompt(c).items()}
+            for name, c in counts.items() if name != reference}
+
+
+def paired_differences(runs, resamples=2000, seed=0):
+    """{name: {metric: [mean, low, high]}} from runs, a list of per_prompt_differences (one per
+    seed): the mean over runs of each run's mean over its prompts, and its 95% bootstrap interval,
+    resampling prompts within each run (the same resample for every method: paired)."""
+    rng, pooled = np.random.default_rng(seed), {}
+    for run in runs:
+        n_prompts = len(next(iter(next(iter(run.values())).values())))
+        resample = rng.integers(0, n_prompts, (resamples, n_prompts))
+        for name, metrics in run.items():
+            for metric, d in metrics.items():
+                pooled.setdefault(name, {}).setdefault(metric, []).append((d.mean(), d[resample].mean(1)))
+    return {name: {metric: [float(np.mean([mean for mean, _ in per_run])),
+                            *np.percentile(np.mean([boot for _, boot in per_run], 0), [2.5, 97.5]).tolist()]
+                   for metric, per_run in metrics.items()} for name, metrics in pooled.items()}
+
+
+def print_paired(table, reference, what):
+    print(f"\n{reference} minus each, {what} (mean, 95% bootstrap interval over prompts):")
+    for name, row in table.items():
+        print(f"{name:>13} " + "  ".join(f"{m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in row.items()))
 
 
 def length_bins(lengths):
@@ -474,24 +504,22 @@ def pass_rate_histogram(successes, lengths, n):
     the classes 0, 1, 2-3, 4-7, ... up to n."""
     c, edges = np.asarray(successes), [0, 1] + [2**i for i in range(1, n.bit_length())] + [n, n + 1]
     edges = sorted(set(edges))
-    classes = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"): (c >= lo) & (c < hi) for lo, hi in zip(edges, edges[1:])}
+    classes = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"): (c >= lo) & (c < hi)
+               for lo, hi in zip(edges, edges[1:])}
     rows = length_bins(lengths) | {"all": np.ones(len(c), dtype=bool)}
-    return {row: {label: int((members & mask).sum()) for label, members in classes.items()} for row, mask in rows.items()}
+    return {row: {label: int((members & mask).sum()) for label, members in classes.items()}
+            for row, mask in rows.items()}
 
 
 def report_paired(summary, args):
     """Print the paired differences to maxrl (and for mazes pass@k by path length and the warm
     start's pass-rate histogram); add them to summary["analysis"] and rewrite results.json."""
-    n, task, methods = summary["samples_per_prompt"], args.task_obj, summary["methods"]
-    successes = {"start": summary["initial_per_prompt_successes"]} | {
-        name: r["per_prompt_successes"] for name, r in methods.items() if r.get("per_prompt_successes")}
-    reference = "maxrl" if "maxrl" in successes else list(successes)[-1]
-    ks = sorted({1, n})
-    analysis = {"reference": reference, "paired": paired_differences(successes, reference, n, ks)}
-    print(f"\n{reference} minus each, on the same {len(successes[reference])} held-out prompts (from {n} samples "
-          "each; mean, 95% bootstrap interval over prompts):")
-    for name, row in analysis["paired"].items():
-        print(f"{name:>13} " + "  ".join(f"{m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in row.items()))
+    successes, reference, n = run_successes(summary)
+    task, ks = args.task_obj, sorted({1, n})
+    analysis = {"reference": reference,
+                "paired": paired_differences([per_prompt_differences(successes, reference, n, ks)])}
+    print_paired(analysis["paired"], reference, f"on the same {len(successes[reference])} held-out prompts "
+                 f"(from {n} samples each)")
     if hasattr(task, "path_length"):
         lengths = [task.path_length(problem) for problem in task.test_problems]
         analysis["by_path_length"] = by_path_length(successes, lengths, n, n)
@@ -588,3 +616,11 @@ def benchmark(args, repeats=3):
 EXPERIMENTS = {"weights": weights_experiment, "gradnorm": gradnorm_experiment, "gradcos": gradcos_experiment,
                "variance": variance_experiment, "interpolation": interpolation_experiment,
                "order": order_experiment, "scaling": scaling_experiment, "bench": benchmark}
+
+
+if __name__ == "__main__":  # python notebooks/experiments.py runs/nav-N16-seed*/results.json
+    summaries = [json.loads(open(path).read()) for path in sys.argv[1:]]
+    runs = [run_successes(summary) for summary in summaries]
+    table = paired_differences([per_prompt_differences(s, ref, n, sorted({1, n})) for s, ref, n in runs])
+    print_paired(table, runs[0][1], f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
+                 "resamples prompts within each run)")

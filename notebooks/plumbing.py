@@ -2,7 +2,8 @@
 cached on disk, checkpoints every --ckpt-every steps and on Ctrl-C (exit code 130) that
 --resume continues from, torchrun's processes kept in step, and the GPU options (--compile,
 TF32, --cuda-graphs). maxrl.py's lesson calls all of it through the `Run` interface; its
-command line passes a CommandLineRun. Results are the same with or without any of it.
+command line passes a CommandLineRun. On one process, the cache and checkpoints change no result
+(tests check: cached, rebuilt, uncached and resumed runs end with identical results.json).
 """
 
 import hashlib
