@@ -1024,8 +1024,8 @@ def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path, capsy
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo): each process takes half of every batch and
-    DistributedDataParallel averages the gradients. The warm start and `ml` sample nothing,
+    """torchrun --nproc_per_node=2 (gloo): each process takes half of every batch and the
+    gradients are averaged over the processes after each backward (as DDP would). The warm start and `ml` sample nothing,
     so there the two runs must agree to float rounding (1e-6 relative); maxrl samples from a
     per-process random stream, so it only has to run. Only the first process writes."""
     flags = ["--task=arith", "--methods=ml,maxrl", "--N=4", "--steps=4", "--sft-steps=10",
