@@ -165,8 +165,9 @@ class Navigation(Task):
     A maze is a size x size grid (size odd); cells sit at odd coordinates, the border is wall.
     Each maze gets a random start and goal (distinct open squares), so the distance to walk,
     and with it the difficulty, varies across prompts; with max_moves = D the goal is drawn at a
-    shortest-path distance uniform in 1..D from the start instead, so difficulties spread evenly. `loops` knocks out that fraction of the
-    remaining inner walls, so several distinct shortest paths can exist.
+    shortest-path distance uniform in 1..D from the start instead, so difficulties spread
+    evenly. `loops` knocks out that fraction of the remaining inner walls, so several distinct
+    shortest paths can exist.
 
     Encoding (one token per square, word-level as in the paper):
 
@@ -211,12 +212,13 @@ class Navigation(Task):
             start, goal = rng.sample(open_squares, 2)
             return (grid, start, goal)
         moves = rng.randint(1, self.max_moves)  # the shortest path's length, uniform in 1..max_moves
-        while True:  # a start with a square that far (almost always the first)
+        for _ in open_squares:  # a start with a square that far (almost always the first)
             start = rng.choice(open_squares)
             _, distance = bfs_tree(grid, start)
             goals = [square for square, d in distance.items() if d == moves]
             if goals:
                 return (grid, start, rng.choice(goals))
+        return self.random_problem(rng)  # no two squares of this maze are that far apart: another maze
 
     def path_length(self, problem):
         """Moves of a shortest path: how hard the maze is."""
