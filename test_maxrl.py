@@ -528,8 +528,8 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
     for successes in [summary["initial_per_prompt_successes"]] + [m["per_prompt_successes"]
                                                                    for m in summary["methods"].values()]:
         assert len(successes) == 8 and all(0 <= c <= summary["samples_per_prompt"] for c in successes)
-    reference = summary["analysis"]["reference"]
-    assert set(summary["analysis"]["paired"]) == {"start", *summary["methods"]} - {reference}
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    assert set(analysis["paired"]) == {"start", *summary["methods"]} - {analysis["reference"]}
     assert "minus each, on the same 8 held-out prompts" in result.stdout
 
 

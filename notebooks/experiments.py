@@ -513,7 +513,7 @@ def pass_rate_histogram(successes, lengths, n):
 
 def report_paired(summary, args):
     """Print the paired differences to maxrl (and for mazes pass@k by path length and the warm
-    start's pass-rate histogram); add them to summary["analysis"] and rewrite results.json."""
+    start's pass-rate histogram), and write them to --out/analysis.json."""
     successes, reference, n = run_successes(summary)
     task, ks = args.task_obj, sorted({1, n})
     analysis = {"reference": reference,
@@ -531,8 +531,8 @@ def report_paired(summary, args):
         print(f"\nwarm start: held-out mazes by successes out of {n}, by path length")
         for row, classes in analysis["start_pass_rate_histogram"].items():
             print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
-    summary["analysis"] = analysis
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    print(f"wrote {args.out}/analysis.json")
 
 
 # ----------------------------------------------------------------------------------------
