@@ -532,7 +532,6 @@ def report_paired(summary, args):
         for row, classes in analysis["start_pass_rate_histogram"].items():
             print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
     (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
-    print(f"wrote {args.out}/analysis.json")
 
 
 # ----------------------------------------------------------------------------------------
