@@ -193,9 +193,12 @@ class KVCache:
     def fill(self, prompt_kv, n):  # (B, H, P, D) per layer -> the first P positions of each row
         for layer, (k, v) in enumerate(prompt_kv):
             B, H, P, D = k.shape
-            self.keys[layer].view(B, n, H, -1, D)[:, :, :, :P] = k[:, None]
-            self.values[layer].view(B, n, H, -1, D)[:, :, :, :P] = v[:, None]
+            self.keys[layer][:, :, :P].view(B, n, H, P, D)[:] = k[:, None]
+            self.values[layer][:, :, :P].view(B, n, H, P, D)[:] = v[:, None]
         self.length = P  # tokens filled so far
+
+    def keep(self, rows):  # (R,) bool: only these rows go on (the others' completions ended)
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
 
     def append(self, layer, k, v):  # (B*n, H, T, D) each -> all keys, values so far (B*n, H, P+T, D)
         end = self.length + k.shape[2]
@@ -271,10 +274,16 @@ class Transformer(nn.Module):
         return logits.float(), layer_kv
 
     def decoder(self, prompt_kv, n, capacity):
-        """One decoding step: token (B*n, 1) -> logits (B*n, V) of the next token, extending a KV
-        cache that starts as the prompts' keys/values, each shared by its n completions."""
+        """One decoding step: token (R, 1) -> logits (R, V) of the next token, extending a KV
+        cache that starts as the prompts' keys/values, each shared by its n completions (R = B*n
+        rows); keep (R_before,) bool, if given, first drops the other rows from the cache."""
         cache = KVCache(prompt_kv, n, capacity)
-        return lambda token: self(token, cache)[0][:, -1]
+
+        def step(token, keep=None):
+            if keep is not None:
+                cache.keep(keep)
+            return self(token, cache)[0][:, -1]
+        return step
 
 
 def build_model(args, task):
@@ -294,54 +303,65 @@ def build_model(args, task):
 # 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens
 #    at positions >= length are padding (after the stop token, or never sampled).
 
-def sample_token(logits, generator):  # (R, V) -> (R, 1)
+def sample_token(logits, race):  # (R, V), (R, V) -> (R, 1)
     """torch.multinomial(logits.softmax(-1), 1) without its host sync. For one sample,
-    multinomial checks p on the host (a GPU waits for that), then draws q ~ Exp(1) per token
-    and takes argmax p / q (the exponential race, a form of the Gumbel-max trick). We make
-    the same draw, same tokens (a test checks), and check p asynchronously instead."""
+    multinomial checks p on the host (a GPU waits for that), then draws race = q ~ Exp(1) per
+    token and takes argmax p / q (the exponential race, a form of the Gumbel-max trick). Given
+    the same draws, same tokens (a test checks); we check p asynchronously instead."""
     probs = logits.softmax(-1)  # (R, V)
     torch._assert_async(probs.isfinite().all(), "sampling from non-finite logits: did training diverge?")
-    race = torch.empty_like(probs).exponential_(generator=generator)  # (R, V), Exp(1)
     return (probs / race).argmax(-1, keepdim=True)
 
 
 @torch.no_grad()  # not inference_mode: the sampled tokens go on into the training forward
-def sample_completions(model, prompts, n, max_len, stop_id, generator, use_cache=True):
+def sample_completions(model, prompts, n, max_len, stop_id, generator, decided=None, use_cache=True):
     """Sample n completions per prompt at temperature 1. prompts (B, Tp) -> (B, n, Tc), (B, n).
 
+    A completion ends at the stop token, or once `decided` (the task's reward_decided) says its
+    reward no longer depends on what would follow. Those tokens are not sampled: they would
+    change neither the reward nor the expected gradient (each token's score, grad log pi(z_t |
+    z_<t), has mean zero given the tokens before it), so the estimator stays unbiased.
     With use_cache, each prompt is run once and its keys/values are shared by its n
     completions; then one token per step. Without, the whole sequence is recomputed each step
     (slow; kept to test and benchmark the cache). Both draw the same random numbers."""
-    B = prompts.shape[0]
-    sequences = prompts.repeat_interleave(n, 0)  # (B*n, Tp)
+    B, device = prompts.shape[0], prompts.device
+    rows = torch.arange(B * n, device=device)  # the completions still being sampled (R of them)
+    sequences = prompts.repeat_interleave(n, 0)  # (R, Tp)
     if use_cache:
         logits, prompt_kv = model(prompts)
-        logits = logits[:, -1].repeat_interleave(n, 0)  # (B*n, V)
+        logits = logits[:, -1].repeat_interleave(n, 0)  # (R, V)
         if max_len > 1:  # one token: no decoding
             decode = model.decoder(prompt_kv, n, capacity=prompts.shape[1] + max_len)
-    # Asking whether all have stopped makes the host wait for the GPU; on a GPU we ask every
-    # 8 tokens (the extra tokens are masked below). On a CPU asking is free: every token.
-    check_every = 1 if prompts.device.type == "cpu" else 8
-    finished = torch.zeros(B * n, dtype=torch.bool, device=prompts.device)
-    lengths = torch.full((B * n,), max_len, device=prompts.device)
-    tokens = []
+    # Asking which rows have ended makes the host wait for the GPU; on a GPU we ask every 8
+    # tokens and keep computing ended rows (masked below). On a CPU asking is free: every
+    # token, and ended rows leave the batch (and its KV cache, a copy), so the work shrinks.
+    on_cpu = device.type == "cpu"
+    tokens = torch.zeros(B * n, max_len, dtype=torch.long, device=device)  # <pad> is id 0 in every task
+    lengths = torch.full((B * n,), max_len, device=device)
+    ended = torch.zeros(B * n, dtype=torch.bool, device=device)  # (R,)
     for t in range(max_len):
         if not use_cache:
-            logits = model(sequences)[0][:, -1]  # (B*n, V)
-        next_token = sample_token(logits, generator)  # (B*n, 1)
-        tokens.append(next_token)
-        stops_now = (next_token[:, 0] == stop_id) & ~finished
-        lengths = torch.where(stops_now, t + 1, lengths)  # (B*n,)
-        finished |= stops_now
-        if t == max_len - 1 or (t % check_every == check_every - 1 and finished.all()):
+            logits = model(sequences)[0][:, -1]  # (R, V)
+        race = torch.empty(B * n, logits.shape[-1], device=device).exponential_(generator=generator)
+        next_token = sample_token(logits, race[rows])  # (R, 1): each row's own draw, whichever rows remain
+        tokens[rows, t] = next_token[:, 0]
+        ends_now = next_token[:, 0] == stop_id
+        if decided is not None:
+            ends_now |= decided(rows, next_token[:, 0])
+        ends_now &= ~ended
+        lengths[rows] = torch.where(ends_now, t + 1, lengths[rows])
+        ended |= ends_now
+        if t == max_len - 1 or ((on_cpu or t % 8 == 7) and ended.all()):
             break  # the last token needs no forward pass
+        keep = ~ended if on_cpu and 4 * ended.sum() >= len(ended) else None  # rows leave a quarter at a time
+        if keep is not None:
+            rows, ended, next_token, sequences = rows[keep], ended[keep], next_token[keep], sequences[keep]
         if use_cache:
-            logits = decode(next_token)
+            logits = decode(next_token, keep)
         else:
             sequences = torch.cat([sequences, next_token], dim=1)
-    completions = torch.cat(tokens, dim=1)  # (B*n, Tc)
-    after_end = torch.arange(completions.shape[1], device=prompts.device) >= lengths[:, None]
-    completions[after_end] = 0  # <pad>, id 0 in every task
+    completions = tokens[:, :t + 1]  # (B*n, Tc)
+    completions[torch.arange(t + 1, device=device) >= lengths[:, None]] = 0  # after the end: <pad>
     return completions.view(B, n, -1), lengths.view(B, n)
 
 
@@ -404,8 +424,8 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
     for start in range(0, len(task.test_problems), batch):
         problems = task.test_problems[start:start + batch]
         prompts = prompt_tensor(task, problems, device)
-        completions, lengths = sample_completions(model, prompts, n, task.max_completion_len,
-                                                  task.stop_id, generator)
+        completions, lengths = sample_completions(model, prompts, n, task.max_completion_len, task.stop_id,
+                                                  generator, task.reward_decided(problems, n, device))
         rewards = score(task, problems, completions, lengths)  # (B, n)
         successes.append(rewards.sum(-1).cpu())
         if task.unique_answers:
@@ -433,13 +453,15 @@ def supervised_loss(model, task, problems, device):
 def rl_loss(model, task, problems, method, N, generator, device):
     """One RL step's loss: sample N completions per prompt, score them, weight their log-probs."""
     prompts = prompt_tensor(task, problems, device)  # (B, Tp)
-    completions, lengths = sample_completions(model, prompts, N, task.max_completion_len,
-                                              task.stop_id, generator)  # (B, N, Tc), (B, N)
+    completions, lengths = sample_completions(model, prompts, N, task.max_completion_len, task.stop_id, generator,
+                                              task.reward_decided(problems, N, device))  # (B, N, Tc), (B, N)
     rewards = score(task, problems, completions, lengths)  # (B, N)
     advantages = ESTIMATORS[method](rewards)  # (B, N)
-    loss = policy_gradient_loss(completion_logprobs(model, prompts, completions, lengths), advantages)
-    no_signal = (advantages == 0).all(-1).float().mean()  # groups whose gradient is zero
-    return loss, {"reward": rewards.mean().item(), "no_signal": no_signal.item()}
+    signal = (advantages != 0).any(-1)  # (B,) groups with a non-zero gradient: only these are run
+    seq_logprob = torch.zeros_like(advantages)  # (B, N); a zero-advantage group adds 0 whatever its log-probs
+    seq_logprob[signal] = completion_logprobs(model, prompts[signal], completions[signal], lengths[signal])
+    loss = policy_gradient_loss(seq_logprob, advantages)
+    return loss, {"reward": rewards.mean().item(), "no_signal": 1 - signal.float().mean().item()}
 
 
 def progress(iterable, args, **kwargs):

@@ -289,10 +289,63 @@ def test_kv_cache_sampling_equals_full_recompute(task):
     model = tiny_model(task)
     prompts = maxrl.prompt_tensor(task, task.test_problems[:2], "cpu")
     runs = [maxrl.sample_completions(model, prompts, 5, task.max_completion_len, task.stop_id,
-                                     torch.Generator().manual_seed(7), use_cache=use_cache)
-            for use_cache in (True, False)]
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+                                     torch.Generator().manual_seed(7), decided, use_cache=use_cache)
+            for use_cache in (True, False)
+            for decided in (None, task.reward_decided(task.test_problems[:2], 5, "cpu"))]
+    assert torch.equal(runs[0][0], runs[2][0]) and torch.equal(runs[0][1], runs[2][1])
+    assert torch.equal(runs[1][0], runs[3][0]) and torch.equal(runs[1][1], runs[3][1])  # rows dropped
     assert runs[0][0].shape[:2] == (2, 5)
+
+
+def first_decided(task, problem, completion):
+    """Where reward_decided stops this completion: 1 + the index of the deciding token, or None."""
+    decided, rows = task.reward_decided([problem], 1, "cpu"), torch.tensor([0])
+    for t, token in enumerate(completion):
+        if decided(rows, torch.tensor([token]))[0]:
+            return t + 1
+    return None
+
+
+def test_no_token_after_a_decided_reward_changes_it():
+    """Where Navigation.reward_decided stops a completion, its reward is that of the completion
+    with any tokens after: random ones, DONE, or the rest of a correct path. Completions: correct
+    paths, paths one token short or long, random moves. (Fails if, say, reaching the goal counted
+    as decided: the prefix without DONE scores 0, with DONE 1.)"""
+    task, rng = Navigation(size=7, n_test=4, max_moves=6), random.Random(0)
+    moves, done = task.encode(["UP", "DOWN", "LEFT", "RIGHT"]), task.stop_id
+    stopped = Counter()
+    for problem in task.sample_train(200, rng):
+        path = task.reference_completion(problem)  # moves + DONE
+        for completion in (path, path[:-2] + [done], path[:-1] + [rng.choice(moves), done],
+                           [rng.choice(moves) for _ in range(8)] + [done]):
+            end = first_decided(task, problem, completion)
+            if end is None:
+                continue
+            prefix, reward = completion[:end], task.reward(problem, completion[:end])
+            stopped[reward] += 1
+            for rest in ([], [done], completion[end:], [rng.randrange(len(task.vocab)) for _ in range(5)]):
+                assert task.reward(problem, prefix + rest) == reward, (problem, prefix, rest)
+    assert stopped[0] > 200 and stopped[1] > 100  # both kinds of decided reward were tried
+
+
+def test_stopping_at_a_decided_reward_samples_the_plain_completions_cut_there():
+    """In distribution, and here token for token: the same draws with reward_decided (rows
+    leave the batch as they end) give the plain sampler's completions cut where the reward
+    was decided. Float64, so that a different number of rows cannot round a draw differently."""
+    task = Navigation(size=7, n_test=16, max_moves=6)
+    model = tiny_model(task).double()
+    problems = task.test_problems
+    prompts = maxrl.prompt_tensor(task, problems, "cpu")
+    plain, early = (maxrl.sample_completions(model, prompts, 8, task.max_completion_len, task.stop_id,
+                                             torch.Generator().manual_seed(3), decided)
+                    for decided in (None, task.reward_decided(problems, 8, "cpu")))
+    cut = 0
+    for problem, full, full_len, short, short_len in zip(problems, *plain, *early):
+        for c, n, s, m in zip(full.tolist(), full_len.tolist(), short.tolist(), short_len.tolist()):
+            end = first_decided(task, problem, c[:n]) or n
+            assert m == end and s[:m] == c[:end] and not any(s[m:])
+            cut += end < n
+    assert cut > 16  # the plain sampler went on after a decided reward, often
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -301,16 +354,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_sample_token_draws_what_multinomial_draws(device):
     """sample_token is torch.multinomial(p, 1) minus its host-side check: the same tokens from
-    the same generator, which ends in the same state (so the next draws agree too)."""
+    the same generator's Exp(1) draws, which leave it in the same state (the next draws agree too)."""
     logits = (torch.randn(64, 12, generator=torch.Generator().manual_seed(0)) * 3).to(device)  # (R, V)
     ours, theirs = (torch.Generator(device).manual_seed(1) for _ in range(2))
     for _ in range(20):
         expected = torch.multinomial(logits.softmax(-1), 1, generator=theirs)
-        assert torch.equal(maxrl.sample_token(logits, ours), expected)
+        race = torch.empty_like(logits).exponential_(generator=ours)
+        assert torch.equal(maxrl.sample_token(logits, race), expected)
     assert torch.equal(ours.get_state(), theirs.get_state())
     if device == "cpu":  # on a GPU the check is a device-side assert, fatal to the process
         with pytest.raises(RuntimeError, match="non-finite"):
-            maxrl.sample_token(torch.full_like(logits, float("nan")), ours)
+            maxrl.sample_token(torch.full_like(logits, float("nan")), race)
 
 
 def attentive_model(task, device):
@@ -436,6 +490,33 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_sequence(task):
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
     for shared, full in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(shared, full, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo", "maxrl"])
+def test_rl_loss_skips_only_groups_without_signal(method, monkeypatch):
+    """rl_loss runs the model only on groups with a non-zero advantage; its loss and gradient
+    equal those of all groups run (to 1e-6). Rewards are set per group: all fail, all pass (both
+    without signal for every method but reinforce), and mixed."""
+    task = Navigation(size=5, n_test=2)
+    model, problems = tiny_model(task), task.sample_train(4, random.Random(0))
+    rewards = torch.tensor([[0.0] * 4, [1.0, 0, 0, 1], [1.0] * 4, [0, 0, 1.0, 0]])  # (B, N)
+    monkeypatch.setattr(maxrl, "score", lambda *_: rewards)
+    model.zero_grad()
+    loss, stats = maxrl.rl_loss(model, task, problems, method, 4, torch.Generator().manual_seed(2), "cpu")
+    loss.backward()
+    skipped = [p.grad.clone() for p in model.parameters()]
+    prompts = maxrl.prompt_tensor(task, problems, "cpu")
+    completions, lengths = maxrl.sample_completions(model, prompts, 4, task.max_completion_len, task.stop_id,
+                                                    torch.Generator().manual_seed(2),
+                                                    task.reward_decided(problems, 4, "cpu"))
+    model.zero_grad()
+    every_group = maxrl.policy_gradient_loss(maxrl.completion_logprobs(model, prompts, completions, lengths),
+                                             ESTIMATORS[method](rewards))
+    every_group.backward()
+    assert stats["no_signal"] == 0.5 and torch.allclose(loss, every_group, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(skipped, model.parameters()))
+    assert any(a.abs().sum() > 0 for a in skipped)
 
 
 # ---------------------------------------------------------------- paired comparisons

@@ -11,6 +11,8 @@ Both tasks share one small interface, so the trainer in maxrl.py never looks ins
     task.encode_prompt(problem) -> list[int]
     task.reference_completion(problem) -> list[int]      a correct completion (for the warm start)
     task.check(problem, completion) -> (ok, reason)      the verifier; reward = int(ok)
+    task.reward_decided(problems, n, device)             None, or what lets sampling stop a completion
+                                                         once its reward is decided (mazes)
     task.render(problem, completion) -> str              a readable line for printing failures
 
 A completion is the list of sampled token ids up to and including the stop token (or the
@@ -20,6 +22,8 @@ a single token: then max_completion_len = 1 and the completion is that one token
 
 import random
 from collections import deque
+
+import torch
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
@@ -78,6 +82,10 @@ class Task:
 
     def reward(self, problem, completion):
         return int(self.check(problem, completion)[0])
+
+    def reward_decided(self, problems, n, device):
+        """None: a completion's reward is known only at its end (see Navigation's)."""
+        return None
 
 
 class Arithmetic(Task):
@@ -219,6 +227,30 @@ class Navigation(Task):
             if goals:
                 return (grid, start, rng.choice(goals))
         return self.random_problem(rng)  # no two squares of this maze are that far apart: another maze
+
+    def reward_decided(self, problems, n, device):
+        """For sampling n completions of each problem: decided(rows, tokens) -> (R,) bool, which of
+        these completions (rows of the len(problems) * n) the new tokens (R,) leave with a reward
+        no later token can change, so sampling stops them there. That is any token after the
+        goal is reached, a token that is not a move, and a move into a wall or off the grid:
+        check() returns at that token whatever follows. It tracks each completion's square."""
+        def per_row(values):
+            return torch.tensor(values, device=device).repeat_interleave(n, 0)
+        is_open = per_row([grid for grid, _, _ in problems])  # (B*n, size, size)
+        square, goal = per_row([start for _, start, _ in problems]), per_row([g for _, _, g in problems])  # (B*n, 2)
+        move = torch.zeros(len(self.vocab), 2, dtype=torch.long, device=device)  # token -> (dr, dc)
+        is_move = torch.zeros(len(self.vocab), dtype=torch.bool, device=device)
+        for name, delta in MOVES.items():
+            move[self.token_id[name]], is_move[self.token_id[name]] = torch.tensor(delta), True
+
+        def decided(rows, tokens):
+            was_at_goal = (square[rows] == goal[rows]).all(-1)
+            to = square[rows] + move[tokens]  # (R, 2)
+            inside = ((to >= 0) & (to < self.size)).all(-1)
+            to = to.clamp(0, self.size - 1)
+            square[rows] = to
+            return was_at_goal | ~is_move[tokens] | ~inside | ~is_open[rows, to[:, 0], to[:, 1]]
+        return decided
 
     def path_length(self, problem):
         """Moves of a shortest path: how hard the maze is."""
