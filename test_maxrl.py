@@ -230,6 +230,8 @@ def test_mazes_are_solvable_and_bfs_paths_pass():
                 assert shortest_path(grid, problem[1], square) or square == problem[1]
             assert task.reward(problem, task.reference_completion(problem)) == 1
             assert len(task.encode_prompt(problem)) == task.prompt_len
+            border = [grid[r][c] for r in range(size) for c in range(size) if {r, c} & {0, size - 1}]
+            assert not any(border)  # all wall: the prompt leaves it out and loses nothing
             assert len(task.reference_completion(problem)) <= task.max_completion_len
 
 
