@@ -788,13 +788,14 @@ EXPERIMENTS = ("compare", "weights", "gradnorm", "gradcos", "variance", "interpo
                "bench")  # all but compare are in notebooks/experiments.py
 EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "variance", "interpolation", "order")  # need arith
 SWEEPS = ("interpolation", "order", "scaling")  # train runs over --Ns
-TASK_DEFAULTS = {"arith": {"sft_steps": 400, "steps": 100, "lr": 3e-4, "eval_every": 10}}  # where not nav's
+TASK_DEFAULTS = {"arith": {"sft_steps": 400, "sft_batch": 64, "sft_lr": 1e-3, "steps": 100, "lr": 3e-4,
+                           "eval_prompts": 128, "eval_every": 10}}  # where not nav's
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
     "interpolation": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "Ns": "4,16,64,256,1024"},
     "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
     "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000},
 }
-PAPER_SIZE = {"size": 17, "n_embd": 256, "sft_steps": 1500, "sft_lr": 5e-4, "sft_batch": 32, "lr": 1e-4,
+PAPER_SIZE = {"size": 17, "max_moves": 0, "n_embd": 256, "sft_steps": 1500, "sft_lr": 5e-4, "sft_batch": 32, "lr": 1e-4,
               "Ns": "4,8,16,32,64,128", "steps": 200, "batch": 16, "eval_prompts": 128}
 DEFAULTS_HELP = "defaults that differ from those above (nav, compare):\n" + "\n".join(
     f"  {name}: " + " ".join(f"--{key.replace('_', '-')}={value}" for key, value in flags.items())
@@ -851,8 +852,9 @@ def build_parser():
     group.add_argument("--train-pool", type=NATURAL, default=0,
                        help="train on a fixed pool of this many prompts, sampled with replacement (the "
                             "paper's data-scarce regime); 0 = a fresh prompt every draw (infinite data)")
-    group.add_argument("--max-moves", type=NATURAL, default=0,
-                       help="nav: the goal at a shortest-path distance uniform in 1..MAX_MOVES (0 = any square)")
+    group.add_argument("--max-moves", type=NATURAL, default=6,
+                       help="nav: the goal at a shortest-path distance uniform in 1..MAX_MOVES, so pass "
+                            "rates spread from easy to hard mazes (0 = any open square)")
     group.add_argument("--loops", type=float, default=0.0,
                        help="nav: fraction of inner walls knocked out, for several shortest paths")
     group.add_argument("--digits", type=int, default=2, help="arith: longest operand, in digits")
@@ -872,10 +874,10 @@ def add_training_flags(group):
     group.add_argument("--steps", type=NATURAL, default=150, help="RL steps per method")
     group.add_argument("--batch", type=POSITIVE, default=16, help="prompts per RL step")
     group.add_argument("--lr", type=RATE, default=1e-4, help="RL learning rate (AdamW)")
-    group.add_argument("--sft-steps", type=NATURAL, default=300,
+    group.add_argument("--sft-steps", type=NATURAL, default=500,
                        help="supervised warm-start steps, shared by all methods (0 = none)")
-    group.add_argument("--sft-batch", type=POSITIVE, default=64, help="warm-start batch size")
-    group.add_argument("--sft-lr", type=RATE, default=1e-3, help="warm-start learning rate")
+    group.add_argument("--sft-batch", type=POSITIVE, default=32, help="warm-start batch size")
+    group.add_argument("--sft-lr", type=RATE, default=3e-3, help="warm-start learning rate")
     group.add_argument("--seed", type=int, default=0, help="seeds weights, prompts and sampling")
     group.add_argument("--cache-dir", default=str(Path(__file__).parent / "runs" / "cache"),
                        help="where warm-started weights are kept, keyed by every flag they depend on")
@@ -895,7 +897,7 @@ def add_output_flags(parser):
     group.add_argument("--n-head", type=POSITIVE, default=4, help="attention heads")
     group.add_argument("--n-embd", type=POSITIVE, default=96, help="width (divisible by 2 x heads)")
     group = parser.add_argument_group("evaluation and output")
-    group.add_argument("--eval-prompts", type=POSITIVE, default=128, help="held-out prompts")
+    group.add_argument("--eval-prompts", type=POSITIVE, default=256, help="held-out prompts")
     group.add_argument("--eval-every", type=POSITIVE, default=50, help="evaluate every this many steps")
     group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
     group.add_argument("--overwrite", action="store_true", help="write into an --out that holds a run")

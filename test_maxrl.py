@@ -669,7 +669,8 @@ def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
     assert parse("--experiment=order", "--N=64", "--Ts=1,4").N == 64
     assert parse("--experiment=scaling", "--paper-size").size == 17
     assert parse("--experiment=scaling", "--paper-size", "--size=9").size == 9
-    assert parse().sft_steps == 300 and parse("--task=arith").sft_steps == 400
+    assert parse().sft_steps == 500 and parse("--task=arith").sft_steps == 400
+    assert parse().max_moves == 6 and parse("--task=arith").sft_lr == 1e-3 and parse("--task=arith").eval_prompts == 128
 
 
 def test_bench_prints_the_two_speedups_and_profiles():

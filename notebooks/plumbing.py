@@ -163,7 +163,8 @@ class CUDAGraphs:
             self.buffers[key] = maxrl.KVCache(prompt_kv, n, capacity), token, {}  # filled on creation
         cache, token_buffer, graphs = self.buffers[key]
 
-        def step(token):  # (rows, 1) -> (rows, V), valid until the next step
+        def step(token, keep=None):  # (rows, 1) -> (rows, V), valid until the next step
+            assert keep is None, "on a GPU, rows never leave the batch (sample_completions)"
             position = cache.length
             token_buffer.copy_(token)
             if position not in graphs:
