@@ -182,7 +182,8 @@ def apply_rotary(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D/2)
 class KVCache:
     """Keys and values of the tokens so far, one buffer per layer with room for `capacity`
     tokens. Each prompt's keys/values (B, H, P, D) are copied once into the rows of its n
-    completions; appending writes in place, so a decoding step never re-copies the past."""
+    completions; appending writes in place, so a decoding step never re-copies the past (only
+    dropping ended rows, `keep`, copies what is left)."""
 
     def __init__(self, prompt_kv, n, capacity):
         B, H, _, D = prompt_kv[0][0].shape
@@ -200,7 +201,7 @@ class KVCache:
     def keep(self, rows):  # (R,) bool: only these rows go on (the others' completions ended)
         self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
 
-    def append(self, layer, k, v):  # (B*n, H, T, D) each -> all keys, values so far (B*n, H, P+T, D)
+    def append(self, layer, k, v):  # (R, H, T, D) each -> all keys, values so far (R, H, P+T, D)
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -276,7 +277,8 @@ class Transformer(nn.Module):
     def decoder(self, prompt_kv, n, capacity):
         """One decoding step: token (R, 1) -> logits (R, V) of the next token, extending a KV
         cache that starts as the prompts' keys/values, each shared by its n completions (R = B*n
-        rows); keep (R_before,) bool, if given, first drops the other rows from the cache."""
+        rows at first, fewer once rows leave); keep (R_before,) bool, if given, first drops the
+        other rows from the cache."""
         cache = KVCache(prompt_kv, n, capacity)
 
         def step(token, keep=None):
@@ -301,7 +303,8 @@ def build_model(args, task):
 
 # ----------------------------------------------------------------------------------------
 # 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens
-#    at positions >= length are padding (after the stop token, or never sampled).
+#    at positions >= length are padding (after the stop token or the token that decided the
+#    reward, or never sampled).
 
 def sample_token(logits, race):  # (R, V), (R, V) -> (R, 1)
     """torch.multinomial(logits.softmax(-1), 1) without its host sync. For one sample,
@@ -318,9 +321,10 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, decided=N
     """Sample n completions per prompt at temperature 1. prompts (B, Tp) -> (B, n, Tc), (B, n).
 
     A completion ends at the stop token, or once `decided` (the task's reward_decided) says its
-    reward no longer depends on what would follow. Those tokens are not sampled: they would
-    change neither the reward nor the expected gradient (each token's score, grad log pi(z_t |
-    z_<t), has mean zero given the tokens before it), so the estimator stays unbiased.
+    reward no longer depends on what would follow. The tokens after it are not sampled: they
+    would change neither the reward nor the expected gradient (each token's score, grad log
+    pi(z_t | z_<t), has mean zero given the tokens before it), so the estimator stays unbiased
+    (its variance is lower, not its mean different).
     With use_cache, each prompt is run once and its keys/values are shared by its n
     completions; then one token per step. Without, the whole sequence is recomputed each step
     (slow; kept to test and benchmark the cache). Both draw the same random numbers."""
@@ -338,7 +342,7 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, decided=N
     on_cpu = device.type == "cpu"
     tokens = torch.zeros(B * n, max_len, dtype=torch.long, device=device)  # <pad> is id 0 in every task
     lengths = torch.full((B * n,), max_len, device=device)
-    ended = torch.zeros(B * n, dtype=torch.bool, device=device)  # (R,)
+    ended = torch.zeros(B * n, dtype=torch.bool, device=device)  # (R,) by current row; tokens, lengths by original row
     for t in range(max_len):
         if not use_cache:
             logits = model(sequences)[0][:, -1]  # (R, V)
@@ -353,7 +357,7 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, decided=N
         ended |= ends_now
         if t == max_len - 1 or ((on_cpu or t % 8 == 7) and ended.all()):
             break  # the last token needs no forward pass
-        keep = ~ended if on_cpu and 4 * ended.sum() >= len(ended) else None  # rows leave a quarter at a time
+        keep = ~ended if on_cpu and 4 * ended.sum() >= len(ended) else None  # once a quarter of the rows ended
         if keep is not None:
             rows, ended, next_token, sequences = rows[keep], ended[keep], next_token[keep], sequences[keep]
         if use_cache:
@@ -457,9 +461,11 @@ def rl_loss(model, task, problems, method, N, generator, device):
                                               task.reward_decided(problems, N, device))  # (B, N, Tc), (B, N)
     rewards = score(task, problems, completions, lengths)  # (B, N)
     advantages = ESTIMATORS[method](rewards)  # (B, N)
-    signal = (advantages != 0).any(-1)  # (B,) groups with a non-zero gradient: only these are run
+    signal = (advantages != 0).any(-1)  # (B,) groups with a non-zero gradient
+    computed = signal.clone()  # the groups run through the model: those, or one if none has signal
+    computed[0] |= ~signal.any()  # (its gradient is zero, but every parameter gets one: torchrun stays in step)
     seq_logprob = torch.zeros_like(advantages)  # (B, N); a zero-advantage group adds 0 whatever its log-probs
-    seq_logprob[signal] = completion_logprobs(model, prompts[signal], completions[signal], lengths[signal])
+    seq_logprob[computed] = completion_logprobs(model, prompts[computed], completions[computed], lengths[computed])
     loss = policy_gradient_loss(seq_logprob, advantages)
     return loss, {"reward": rewards.mean().item(), "no_signal": 1 - signal.float().mean().item()}
 

@@ -328,12 +328,15 @@ def test_no_token_after_a_decided_reward_changes_it():
             for rest in ([], [done], completion[end:], [rng.randrange(len(task.vocab)) for _ in range(5)]):
                 assert task.reward(problem, prefix + rest) == reward, (problem, prefix, rest)
     assert stopped[0] > 200 and stopped[1] > 100  # both kinds of decided reward were tried
+    right = task.encode(["RIGHT"])  # off the grid: tiny_maze's border is open at (1, 4)
+    assert first_decided(Navigation(size=5, n_test=2), tiny_maze(), right * 5) == 4  # the 4th move leaves it
 
 
 def test_stopping_at_a_decided_reward_samples_the_plain_completions_cut_there():
     """In distribution, and here token for token: the same draws with reward_decided (rows
     leave the batch as they end) give the plain sampler's completions cut where the reward
-    was decided. Float64, so that a different number of rows cannot round a draw differently."""
+    was decided. A float64 model (its logits are cast to float32 at the end), so that a different
+    number of rows is unlikely to round a draw differently."""
     task = Navigation(size=7, n_test=16, max_moves=6)
     model = tiny_model(task).double()
     problems = task.test_problems
@@ -519,6 +522,20 @@ def test_rl_loss_skips_only_groups_without_signal(method, monkeypatch):
     assert stats["no_signal"] == 0.5 and torch.allclose(loss, every_group, atol=1e-6)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(skipped, model.parameters()))
     assert any(a.abs().sum() > 0 for a in skipped)
+
+
+def test_rl_loss_without_any_signal_still_gives_every_parameter_a_zero_gradient(monkeypatch):
+    """All groups fail: one group is run anyway (never an empty batch, which some GPU attention
+    kernels refuse), so every parameter gets a gradient (zero), which torchrun's averaging waits for."""
+    task = Navigation(size=5, n_test=2)
+    model, problems = tiny_model(task), task.sample_train(3, random.Random(0))
+    monkeypatch.setattr(maxrl, "score", lambda *_: torch.zeros(3, 4))
+    batch_sizes = []
+    model.register_forward_pre_hook(lambda module, inputs: batch_sizes.append(inputs[0].shape[0]))
+    loss, stats = maxrl.rl_loss(model, task, problems, "maxrl", 4, torch.Generator().manual_seed(2), "cpu")
+    loss.backward()
+    assert stats["no_signal"] == 1.0 and loss.item() == 0.0 and 0 not in batch_sizes and 1 in batch_sizes
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- paired comparisons
