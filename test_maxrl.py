@@ -1,6 +1,8 @@
-"""Tests for maxrl.py, toy_tasks.py and notebooks/. Run with `pytest` (3 to 4½ minutes on 2 CPU cores)."""
+"""Tests for maxrl.py, toy_tasks.py and notebooks/. Run with `pytest` (about 1½ to 3 minutes on 2 CPU cores)."""
 
 import ast
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -24,8 +26,9 @@ from toy_tasks import Arithmetic, Navigation, prim_maze, shortest_path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "notebooks"))
+import command_line  # noqa: E402  (notebooks/command_line.py: the flags and their checks, main)
 import experiments  # noqa: E402  (notebooks/experiments.py: the checks on the real model, the benchmark)
-import plumbing  # noqa: E402  (notebooks/plumbing.py: cache, checkpoints, torchrun, CUDA graphs)
+import plumbing  # noqa: E402  (notebooks/plumbing.py: cache, checkpoints, torchrun, the faster decoders)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,22 +52,92 @@ def module_level_names(node):
     return [name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)]
 
 
+def attributes_set(nodes, class_names=True):
+    """{attribute name: first line} of every obj.attr = ... in nodes, and of every name a class defines."""
+    found = {}
+    for node in nodes:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store):
+                found.setdefault(sub.attr, sub.lineno)
+            if isinstance(sub, ast.ClassDef) and class_names:
+                for item in sub.body:
+                    for name in module_level_names(item):
+                        found.setdefault(name, item.lineno)
+    return found
+
+
+def lesson_and_the_rest():
+    """maxrl.py's top-level statements up to the end of compare_methods (the lesson), and after."""
+    tree = ast.parse((HERE / "maxrl.py").read_text())
+    end = next(node.end_lineno for node in tree.body if getattr(node, "name", None) == "compare_methods")
+    return [node for node in tree.body if node.lineno <= end], [node for node in tree.body if node.lineno > end]
+
+
 def test_the_lesson_uses_only_what_stands_above_it():
     """maxrl.py reads top to bottom: every module-level name that a part of the lesson (from the
-    top of the file to the end of compare_methods, the main command) uses is defined above it."""
-    tree = ast.parse((HERE / "maxrl.py").read_text())
-    defined_at = {}
-    for node in tree.body:
+    top of the file to the end of compare_methods, the main command) uses is bound above it and
+    never rebound below (except ESTIMATORS, which the estimator families after the lesson extend,
+    keeping the five). Every attribute it reads that code elsewhere sets (obj.attr = ..., in
+    maxrl.py after the lesson or in notebooks/*.py; state, not the methods of the
+    `keeper` that the lesson calls) is set or defined in the lesson above the
+    read, or in toy_tasks.py; every args.X it reads is a command-line flag."""
+    lesson, rest = lesson_and_the_rest()
+    bound_at, rebound_below = {}, set()
+    for node in lesson:
         for name in module_level_names(node):
-            defined_at.setdefault(name, node.lineno)
-    lesson_end = defined_at["compare_methods"]
-    for node in [node for node in tree.body if node.lineno <= lesson_end]:
+            bound_at.setdefault(name, node.lineno)
+    rebound_below = {name for node in rest for name in module_level_names(node)} - {"ESTIMATORS"}
+    elsewhere = [ast.parse(path.read_text()) for path in (HERE / "notebooks").glob("*.py")]
+    set_elsewhere = attributes_set(rest + elsewhere, class_names=False)
+    in_tasks = attributes_set([ast.parse((HERE / "toy_tasks.py").read_text())])
+    flags = {action.dest for action in command_line.build_parser()._actions}
+    for node in lesson:
         names = [n for n in ast.walk(node) if isinstance(n, ast.Name)]
         local = {n.id for n in names if isinstance(n.ctx, ast.Store)} | {a.arg for a in ast.walk(node)
                                                                         if isinstance(a, ast.arg)}
         used = {n.id for n in names if isinstance(n.ctx, ast.Load)} - local
-        forward = sorted(name for name in used if defined_at.get(name, 0) > node.lineno)
-        assert not forward, f"line {node.lineno} uses {forward}, defined below it"
+        forward = sorted(name for name in used if bound_at.get(name, 0) > node.lineno or name in rebound_below)
+        assert not forward, f"line {node.lineno} uses {forward}, bound below it"
+        set_above = attributes_set([n for n in lesson if n.lineno <= node.lineno])
+        for sub in ast.walk(node):
+            if not (isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Load)):
+                continue
+            if isinstance(sub.value, ast.Name) and sub.value.id == "args":
+                assert sub.attr in flags, f"line {sub.lineno} reads args.{sub.attr}, which is no flag"
+            elif sub.attr in set_elsewhere:
+                assert sub.attr in set_above or sub.attr in in_tasks, \
+                    f"line {sub.lineno} reads .{sub.attr}, which only code below or elsewhere sets"
+
+
+def test_sizes_of_the_lesson_and_its_functions():
+    """The lesson (the top of maxrl.py to the end of compare_methods) reads in one sitting: at most
+    600 lines, maxrl.py at most 1,000, and no function of the project's longer than 45 lines."""
+    lesson, _ = lesson_and_the_rest()
+    assert lesson[-1].end_lineno <= 600 and len((HERE / "maxrl.py").read_text().splitlines()) <= 1000
+    for path in [HERE / "maxrl.py", HERE / "toy_tasks.py", *(HERE / "notebooks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 45, f"{path.name}: {node.name} is longer than 45 lines"
+
+
+def test_the_repositorys_modules_import_one_another_one_way():
+    """No import cycle: toy_tasks <- maxrl <- plumbing <- experiments <- command_line, counting
+    imports inside functions too. maxrl.py run as a script is the module __main__, which hands
+    over to command_line; its `if __name__ == "__main__":` block is that module's, not maxrl's."""
+    paths = [HERE / "maxrl.py", HERE / "toy_tasks.py", *(HERE / "notebooks").glob("*.py")]
+    graph = {}
+    for path in paths:
+        body = [node for node in ast.parse(path.read_text()).body
+                if not (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))]
+        imported = {alias.name.split(".")[0] for node in body for sub in ast.walk(node)
+                    if isinstance(sub, (ast.Import, ast.ImportFrom)) for alias in
+                    (sub.names if isinstance(sub, ast.Import) else [ast.alias(sub.module or "")])}
+        graph[path.stem] = imported & {p.stem for p in paths}
+    done = set()
+    while len(done) < len(graph):  # peel off the modules whose imports are all done
+        ready = {name for name, deps in graph.items() if name not in done and deps <= done}
+        assert ready, f"an import cycle among {sorted(set(graph) - done)}"
+        done |= ready
 
 
 # ---------------------------------------------------------------- estimators: shapes and edges
@@ -285,31 +358,69 @@ def tiny_model(task, seed=0):
     return maxrl.Transformer(cfg)
 
 
-@pytest.mark.parametrize("task", [Navigation(size=5, n_test=2),
-                                  Arithmetic(digits=1, n_test=2, single_token=True)])
-def test_kv_cache_sampling_equals_full_recompute(task):
-    model = tiny_model(task)
-    prompts = maxrl.prompt_tensor(task, task.test_problems[:2], "cpu")
-    runs = [maxrl.sample_completions(model, prompts, 5, task.max_completion_len, task.stop_id,
-                                     torch.Generator().manual_seed(7), decided, use_cache=use_cache)
-            for use_cache in (True, False)
-            for decided in (None, task.reward_decided(task.test_problems[:2], 5, "cpu"))]
-    assert torch.equal(runs[0][0], runs[2][0]) and torch.equal(runs[0][1], runs[2][1])
-    assert torch.equal(runs[1][0], runs[3][0]) and torch.equal(runs[1][1], runs[3][1])  # rows dropped
-    assert runs[0][0].shape[:2] == (2, 5)
+DECODERS = {"masked": lambda model: model.decoder,  # the lesson's: every row computed to the end
+            "compact": plumbing.CompactingDecoder,  # the command line's on CPUs: ended rows leave
+            "recompute": lambda model: plumbing.CompactingDecoder(model, recompute=True)}  # no cache
+
+
+class ContractCheck:
+    """A reward tracker's stand-in that checks the contract sample_completions keeps
+    (toy_tasks.MazeWalks): one call per step with exactly the rows that have not ended, and each
+    row's tokens once, in order (recorded in `seen`); it passes the calls on to the real tracker."""
+
+    def __init__(self, tracker, rows, stop_id):
+        self.tracker, self.stop_id, self.alive, self.seen = tracker, stop_id, set(range(rows)), [[] for _ in range(rows)]
+
+    def decided(self, rows, tokens):
+        assert rows.tolist() == sorted(self.alive), "called with rows that ended, or without rows still going"
+        decided = self.tracker.decided(rows, tokens)
+        for row, token, done in zip(rows.tolist(), tokens.tolist(), decided.tolist()):
+            self.seen[row].append(token)
+            if done or token == self.stop_id:
+                self.alive.remove(row)
+        return decided
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_draws_the_same_completions_and_keeps_the_tracker_contract(decoder):
+    """The lesson's decoder (ended rows masked), the one whose ended rows leave the batch, and
+    the full recompute draw the same tokens from the same random numbers, with and without a
+    reward tracker; a float64 model, so that a different number of rows is unlikely to round a
+    draw differently. Each keeps the tracker's contract, and the tracker saw exactly each
+    completion. (Fails if rows drop out of step with the draws, e.g. race[:len(rows)]; or if ended
+    rows were passed to the tracker.) Single-token arith: one token, no decoding step."""
+    for task, n in [(Navigation(size=7, n_test=16, max_moves=6), 8), (Arithmetic(digits=1, n_test=2, single_token=True), 5)]:
+        model, problems = tiny_model(task).double(), task.test_problems
+        prompts, rows = maxrl.prompt_tensor(task, problems, "cpu"), len(problems) * n
+
+        def sample(decoder_name, tracker=None):
+            return maxrl.sample_completions(model, prompts, n, task.max_completion_len, task.stop_id,
+                                            torch.Generator().manual_seed(7), tracker, DECODERS[decoder_name](model))
+        plain, other = sample("masked"), sample(decoder)
+        assert torch.equal(plain[0], other[0]) and torch.equal(plain[1], other[1])
+        assert plain[0].shape[:2] == (len(problems), n)
+        if task.reward_tracker(problems, n, "cpu") is None:
+            continue
+        checks = [ContractCheck(task.reward_tracker(problems, n, "cpu"), rows, task.stop_id) for _ in range(2)]
+        early, other_early = sample("masked", checks[0]), sample(decoder, checks[1])
+        assert torch.equal(early[0], other_early[0]) and torch.equal(early[1], other_early[1])
+        completions, lengths = early[0].view(rows, -1).tolist(), early[1].view(-1)
+        for check in checks:
+            assert check.seen == [c[:m] for c, m in zip(completions, lengths.tolist())] and not check.alive
+        assert (lengths < plain[1].view(-1)).any()  # some walks were decided before their end
 
 
 def first_decided(task, problem, completion):
-    """Where reward_decided stops this completion: 1 + the index of the deciding token, or None."""
-    decided, rows = task.reward_decided([problem], 1, "cpu"), torch.tensor([0])
+    """Where the reward tracker stops this completion: 1 + the index of the deciding token, or None."""
+    tracker, rows = task.reward_tracker([problem], 1, "cpu"), torch.tensor([0])
     for t, token in enumerate(completion):
-        if decided(rows, torch.tensor([token]))[0]:
+        if tracker.decided(rows, torch.tensor([token]))[0]:
             return t + 1
     return None
 
 
 def test_no_token_after_a_decided_reward_changes_it():
-    """Where Navigation.reward_decided stops a completion, its reward is that of the completion
+    """Where Navigation's reward tracker stops a completion, its reward is that of the completion
     with any tokens after: random ones, DONE, or the rest of a correct path. Completions: correct
     paths, paths one token short or long, random moves. (Fails if, say, reaching the goal counted
     as decided: the prefix without DONE scores 0, with DONE 1.)"""
@@ -333,17 +444,17 @@ def test_no_token_after_a_decided_reward_changes_it():
 
 
 def test_stopping_at_a_decided_reward_samples_the_plain_completions_cut_there():
-    """In distribution, and here token for token: the same draws with reward_decided (rows
-    leave the batch as they end) give the plain sampler's completions cut where the reward
-    was decided. A float64 model (its logits are cast to float32 at the end), so that a different
-    number of rows is unlikely to round a draw differently."""
+    """In distribution, and here token for token: the same draws with the reward tracker give
+    the plain sampler's completions cut where the reward was decided. A float64 model (its
+    logits are cast to float32 at the end), so that a different number of rows is unlikely to
+    round a draw differently; the command line's decoder (rows leave the batch as they end)."""
     task = Navigation(size=7, n_test=16, max_moves=6)
     model = tiny_model(task).double()
     problems = task.test_problems
     prompts = maxrl.prompt_tensor(task, problems, "cpu")
     plain, early = (maxrl.sample_completions(model, prompts, 8, task.max_completion_len, task.stop_id,
-                                             torch.Generator().manual_seed(3), decided)
-                    for decided in (None, task.reward_decided(problems, 8, "cpu")))
+                                             torch.Generator().manual_seed(3), tracker, plumbing.CompactingDecoder(model))
+                    for tracker in (None, task.reward_tracker(problems, 8, "cpu")))
     cut = 0
     for problem, full, full_len, short, short_len in zip(problems, *plain, *early):
         for c, n, s, m in zip(full.tolist(), full_len.tolist(), short.tolist(), short_len.tolist()):
@@ -388,10 +499,9 @@ def decode_along(model, prompts, completions):
     """Logits of every completion token, one decoding step at a time (as sampling runs).
     prompts (B, Tp), completions (B*n, Tc) -> (B*n, Tc, V)."""
     n, Tc = completions.shape[0] // prompts.shape[0], completions.shape[1]
-    first, prompt_kv = model(prompts)
-    decode = model.decoder(prompt_kv, n, capacity=prompts.shape[1] + Tc)
-    steps = [first[:, -1].repeat_interleave(n, 0)] + [decode(completions[:, t:t + 1]).clone()
-                                                      for t in range(Tc - 1)]
+    first, decode = model.decoder(prompts, n, capacity=prompts.shape[1] + Tc)
+    alive = torch.arange(len(completions), device=prompts.device)
+    steps = [first] + [decode(completions[:, t:t + 1], alive).clone() for t in range(Tc - 1)]
     return torch.stack(steps, 1)
 
 
@@ -441,9 +551,9 @@ def test_cached_and_uncached_sampling_agree_in_distribution(device):
         model.embed.weight.mul_(10)
     prompts = maxrl.prompt_tensor(task, task.test_problems[:1], device)  # (1, Tp)
     samples = []
-    for seed, use_cache in [(1, True), (2, False)]:
+    for seed, decoder in [(1, model.decoder), (2, plumbing.CompactingDecoder(model, recompute=True))]:
         completions, _ = maxrl.sample_completions(model, prompts, 4096, task.max_completion_len, task.stop_id,
-                                                  torch.Generator(device).manual_seed(seed), use_cache=use_cache)
+                                                  torch.Generator(device).manual_seed(seed), decoder=decoder)
         samples.append(Counter(tuple(c) for c in completions[0].tolist()))
     cells = [c for c, count in (samples[0] + samples[1]).items() if count >= 20]
     counts = [[sample[c] for c in cells] + [4096 - sum(sample[c] for c in cells)] for sample in samples]
@@ -514,7 +624,7 @@ def test_rl_loss_skips_only_groups_without_signal(method, monkeypatch):
     prompts = maxrl.prompt_tensor(task, problems, "cpu")
     completions, lengths = maxrl.sample_completions(model, prompts, 4, task.max_completion_len, task.stop_id,
                                                     torch.Generator().manual_seed(2),
-                                                    task.reward_decided(problems, 4, "cpu"))
+                                                    task.reward_tracker(problems, 4, "cpu"))
     model.zero_grad()
     every_group = maxrl.policy_gradient_loss(maxrl.completion_logprobs(model, prompts, completions, lengths),
                                              ESTIMATORS[method](rewards))
@@ -543,8 +653,7 @@ def test_rl_loss_without_any_signal_still_gives_every_parameter_a_zero_gradient(
 def test_paired_differences_are_the_table_differences_and_zero_against_itself():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 17, 50), rng.integers(0, 17, 50)
-    differences = experiments.per_prompt_differences({"a": a, "b": b, "a again": a}, "a", 16, [1, 4])
-    table = experiments.paired_differences([differences])
+    table = maxrl.paired_differences([{"a": a, "b": b, "a again": a}], 16, [1, 4], reference="a")
     assert table["a again"] == {m: [0.0, 0.0, 0.0] for m in ("pass@1", "pass@4", "coverage")}
     for k in (1, 4):  # the mean is exactly the difference of the two methods' pass@k over the prompts
         assert table["b"][f"pass@{k}"][0] == pytest.approx(pass_at_k(16, a, k).mean() - pass_at_k(16, b, k).mean(),
@@ -564,8 +673,7 @@ def test_paired_bootstrap_interval_covers_the_true_difference():
     for repetition in range(400):
         p = rng.uniform(0, 1, 200)
         counts = {"a": rng.binomial(16, p), "b": rng.binomial(16, p / 2)}
-        differences = experiments.per_prompt_differences(counts, "a", 16, [1])
-        _, low, high = experiments.paired_differences([differences], resamples=1000, seed=repetition)["b"]["pass@1"]
+        _, low, high = maxrl.paired_differences([counts], 16, [1], "a", resamples=1000, seed=repetition)["b"]["pass@1"]
         covered += low <= 0.25 <= high
     assert 0.91 <= covered / 400 <= 0.99, covered / 400
 
@@ -575,9 +683,9 @@ def test_pooled_over_runs_is_the_mean_of_the_runs_with_a_narrower_interval():
     (resampling prompts within each run) is narrower than one run's, by about sqrt(2)."""
     rng = np.random.default_rng(2)
     a, b = rng.integers(0, 17, 100), rng.integers(0, 17, 100)
-    run = experiments.per_prompt_differences({"a": a, "b": b}, "a", 16, [16])
+    run = {"a": a, "b": b}
     (one_mean, one_low, one_high), (two_mean, two_low, two_high) = (
-        experiments.paired_differences(runs)["b"]["pass@16"] for runs in ([run], [run, run]))
+        maxrl.paired_differences(runs, 16, [16], "a")["b"]["pass@16"] for runs in ([run], [run, run]))
     assert two_mean == pytest.approx(one_mean, abs=1e-12)
     assert 1.2 < (one_high - one_low) / (two_high - two_low) < 1.7
 
@@ -595,12 +703,30 @@ def test_mazes_with_a_maximum_path_length_spread_evenly():
 
 # ---------------------------------------------------------------- command line
 
-def run_cli(*flags, cwd=HERE):
-    """python maxrl.py FLAGS, output captured (not a terminal); no warm-start cache unless asked,
-    so the user's runs/cache stays as it was."""
-    no_cache = [] if any(flag.startswith("--cache-dir") for flag in flags) else ["--no-cache"]
-    return subprocess.run([sys.executable, str(HERE / "maxrl.py"), *flags, *no_cache], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+def with_no_cache(flags):
+    """No warm-start cache unless asked, so the user's runs/cache stays as it was."""
+    return [*flags, *([] if any(flag.startswith("--cache-dir") for flag in flags) else ["--no-cache"])]
+
+
+def run_cli(*flags):
+    """python maxrl.py FLAGS in a new process, output captured (not a terminal): for what only a
+    real process shows (Ctrl-C, torchrun, the exit code of the script itself)."""
+    return subprocess.run([sys.executable, str(HERE / "maxrl.py"), *with_no_cache(flags)], capture_output=True,
+                          text=True, cwd=HERE, timeout=300)
+
+
+def run_main(*flags):
+    """The same command line in this process (no torch import per run), output captured (not a
+    terminal): a CompletedProcess with its exit code, stdout and stderr."""
+    out, err, sigint, code = io.StringIO(), io.StringIO(), signal.getsignal(signal.SIGINT), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            command_line.main(with_no_cache(flags))
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # main() installs its Ctrl-C handler
+    return subprocess.CompletedProcess(flags, code, out.getvalue(), err.getvalue())
 
 
 TINY = ["--steps=2", "--sft-steps=2", "--eval-prompts=8", "--eval-every=1", "--batch=2",
@@ -610,7 +736,7 @@ TINY = ["--steps=2", "--sft-steps=2", "--eval-prompts=8", "--eval-every=1", "--b
 @pytest.mark.parametrize("task_flags", [["--task=nav", "--size=7", "--N=4"],
                                         ["--task=arith", "--methods=ml,maxrl,rloo", "--N=2"]])
 def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
-    result = run_cli(*task_flags, *TINY, f"--out={tmp_path}")
+    result = run_main(*task_flags, *TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "coverage" in result.stdout
     assert "\r" not in result.stderr + result.stdout  # output to a file: no progress-bar redraws,
@@ -635,7 +761,7 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
 
 @pytest.mark.parametrize("experiment, key", [("weights", "N"), ("gradnorm", "N"), ("gradcos", "Ns")])
 def test_figure_experiments_run_at_a_tiny_size(tmp_path, experiment, key):
-    result = run_cli(f"--experiment={experiment}", "--N=4", "--digits=1", *TINY[1:], f"--out={tmp_path}")
+    result = run_main(f"--experiment={experiment}", "--N=4", "--digits=1", *TINY[1:], f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / f"{experiment}.png").stat().st_size > 0
     assert key in json.loads((tmp_path / f"{experiment}.json").read_text())
@@ -643,7 +769,7 @@ def test_figure_experiments_run_at_a_tiny_size(tmp_path, experiment, key):
 
 @pytest.mark.parametrize("experiment, flags", [("interpolation", ["--single-token"]), ("scaling", ["--size=7"])])
 def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
-    result = run_cli(f"--experiment={experiment}", "--Ns=2,4", "--seeds=2", "--digits=1", *flags,
+    result = run_main(f"--experiment={experiment}", "--Ns=2,4", "--seeds=2", "--digits=1", *flags,
                      *TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / f"{experiment}.png").stat().st_size > 0
@@ -657,7 +783,7 @@ def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
 
 
 def test_order_experiment_runs_at_a_tiny_size(tmp_path):
-    result = run_cli("--experiment=order", "--single-token", "--N=4", "--Ts=1,4", "--T=2", "--Ns=2,4",
+    result = run_main("--experiment=order", "--single-token", "--N=4", "--Ts=1,4", "--T=2", "--Ns=2,4",
                      "--seeds=2", "--digits=1", *TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "order.png").stat().st_size > 0
@@ -668,7 +794,7 @@ def test_order_experiment_runs_at_a_tiny_size(tmp_path):
 
 
 def test_variance_experiment_runs_at_a_tiny_size(tmp_path):
-    result = run_cli("--experiment=variance", "--N=4", "--T=2", "--digits=1", *TINY[1:],
+    result = run_main("--experiment=variance", "--N=4", "--T=2", "--digits=1", *TINY[1:],
                      f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "| maxrl_u@2 | 4 | 2 |" in result.stdout
@@ -679,7 +805,7 @@ def test_variance_experiment_runs_at_a_tiny_size(tmp_path):
 
 
 def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
-    parse = lambda *flags: maxrl.parse_args([*flags, f"--out={tmp_path / 'out'}"])
+    parse = lambda *flags: command_line.parse_args([*flags, f"--out={tmp_path / 'out'}"])
     assert parse("--experiment=interpolation").sft_steps == 0
     assert parse("--experiment=interpolation", "--sft-steps=30").sft_steps == 30
     assert parse("--experiment=order").N == 256
@@ -691,10 +817,10 @@ def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
 
 
 def test_bench_prints_the_two_speedups_and_profiles():
-    result = run_cli("--bench", "--profile", "--N=2", "--batch=2", "--eval-prompts=8", *TINY[5:])
+    result = run_main("--bench", "--profile", "--N=2", "--batch=2", "--eval-prompts=8", *TINY[5:])
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"bench: sampling [0-9.]+x, training [0-9.]+x", result.stdout.splitlines()[-1])
-    assert result.stdout.count(", one call:") == 4 and "aten::" in result.stdout
+    assert result.stdout.count(", one call:") == 5 and "aten::" in result.stdout
 
 
 BAD_FLAGS = [
@@ -712,6 +838,7 @@ BAD_FLAGS = [
     ["--experiment=order", "--Ts=1,512"], ["--experiment=order", "--T=8", "--Ns=4,16"],
     ["--experiment=order", "--Ts=1,x"], ["--experiment=variance", "--T=17"],
     ["--experiment=variance", "--T=0"], ["--profile"], ["--max-moves=30"], ["--max-moves=-1"],
+    ["--N=100000"], ["--experiment=interpolation", "--Ns=4,10000000"],  # more memory than any machine here
 ] + ([["--device=cuda"], ["--cuda-graphs"], ["--cuda-graphs", "--compile"]] if not torch.cuda.is_available() else [])
 
 
@@ -721,16 +848,41 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, flags):
     (a subprocess per case would cost seconds each), on the real command line just below."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        maxrl.parse_args([*flags, f"--out={out}"])
+        command_line.parse_args([*flags, f"--out={out}"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flags", [["--N=0"], ["--bogus-flag"]])
-def test_bad_input_on_the_command_line_exits_2_with_one_line(tmp_path, flags):
+def test_bad_places_to_write_or_resume_from_exit_2_with_one_line_before_any_work(tmp_path, capsys):
+    """An --out that cannot be written (here: below a file; as root, permissions would not stop
+    it) and a --resume from a checkpoint that does not load are refused by parse_args, before
+    the warm start's work, not with a traceback at the first checkpoint."""
+    (tmp_path / "a file").write_text("")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    for flags, says in [([f"--out={tmp_path / 'a file' / 'run'}"], "cannot write"),
+                        ([f"--out={tmp_path / 'run'}", "--resume"], "cannot read the checkpoint")]:
+        with pytest.raises(SystemExit) as exit_info:
+            command_line.parse_args(flags)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and says in lines[0], lines
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["a file", "checkpoint.pt", "run"]
+
+
+def test_the_warm_starts_unsolved_share_counts_prompts_without_a_success(tmp_path):
+    """The line after the warm start says which share of the held-out prompts had no success
+    among the samples: from the success counts, so on arith too (its exact p is never 0)."""
+    result = run_main(*TINY, "--task=arith", "--digits=1", "--methods=ml", "--N=4", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    successes = json.loads((tmp_path / "results.json").read_text())["initial_per_prompt_successes"]
+    share = re.search(r"(\d+)% of prompts unsolved in 4 samples", result.stdout).group(1)
+    assert int(share) == round(100 * np.mean(np.array(successes) == 0)) and any(c == 0 for c in successes)
+
+
+def test_bad_input_on_the_command_line_exits_2_with_one_line(tmp_path):
     out = tmp_path / "out"
-    result = run_cli(*flags, f"--out={out}")
+    result = run_cli("--N=0", f"--out={out}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -1039,13 +1191,13 @@ def without_timing(summary):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli(*LONG_TINY, f"--out={out}", "--overwrite")
+    result = run_main(*LONG_TINY, f"--out={out}", "--overwrite")
     assert result.returncode == 0, result.stderr
     return json.loads((out / "results.json").read_text())
 
 
 def test_same_flags_and_seed_give_identical_results(tmp_path, uninterrupted):
-    result = run_cli(*LONG_TINY, f"--out={tmp_path}")
+    result = run_main(*LONG_TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     again = json.loads((tmp_path / "results.json").read_text())
     assert without_timing(again) == without_timing(uninterrupted)
@@ -1067,18 +1219,42 @@ def test_ctrl_c_keeps_results_and_resume_ends_like_an_uninterrupted_run(tmp_path
     cut_short = json.loads((tmp_path / "results.json").read_text())
     assert cut_short["interrupted"] and (tmp_path / "curves.png").exists()
     assert "Traceback" not in stderr
-    resumed = run_cli(*LONG_TINY, f"--out={tmp_path}", "--resume")
+    resumed = run_main(*LONG_TINY, f"--out={tmp_path}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     final = json.loads((tmp_path / "results.json").read_text())
     assert not final["interrupted"] and without_timing(final) == without_timing(uninterrupted)
 
 
+def test_a_checkpoint_resumes_whatever_device_it_is_loaded_for(tmp_path):
+    """The checkpoint is read onto the CPU: a generator's state must be a CPU ByteTensor even for
+    a CUDA generator (Generator.set_state), and the model and optimizer copy theirs to where
+    they live. Before, loading with map_location=device failed here for a CUDA run (on a
+    machine without a GPU: at the load; with one: at set_state)."""
+    args = command_line.parse_args([*LONG_TINY, f"--out={tmp_path}"])
+    model, _, device = maxrl.build_model(args, args.task_obj)
+    keeper = plumbing.RunKeeper(args, checkpoints=True)
+    keeper.prepare(model, device)
+    training = {"model": model, "optimizer": torch.optim.AdamW(model.parameters()), "prompt_rng": random.Random(1),
+                "generator": torch.Generator(device).manual_seed(5), "log": {"curve": [], "wall_s": 0.0}}
+    keeper.save({"weights": model.state_dict()}, {})
+    keeper.after_step("maxrl", 3, training)  # ckpt_every = 3: saved
+    args.resume = True
+    for loading_for in ["cuda", device.type]:  # a CUDA run (the map that failed), and this machine's
+        resumed = plumbing.RunKeeper(args, checkpoints=True)
+        resumed.prepare(model, torch.device(loading_for))
+        fresh = dict(training, generator=torch.Generator(device), prompt_rng=random.Random(2))
+        assert resumed.restore("maxrl", fresh) == 3
+        assert torch.equal(fresh["generator"].get_state(), training["generator"].get_state())
+        assert fresh["prompt_rng"].getstate() == training["prompt_rng"].getstate()
+    torch.set_float32_matmul_precision("highest")  # prepare() set TF32 for "cuda": as it was
+
+
 def test_an_out_folder_holding_a_run_is_not_overwritten(tmp_path):
     (tmp_path / "results.json").write_text("{}")
-    result = run_cli(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}")
+    result = run_main(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}")
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert (tmp_path / "results.json").read_text() == "{}"
-    result = run_cli(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}", "--overwrite")
+    result = run_main(*TINY, "--task=arith", "--methods=ml", f"--out={tmp_path}", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert "methods" in json.loads((tmp_path / "results.json").read_text())
 
@@ -1088,22 +1264,12 @@ WARM_CACHED = ["--task=arith", "--digits=1", "--N=2", "--methods=ml,maxrl", "--s
 # arith: held-out pass@k is exact (teacher-forced p), so any change in the loaded weights shows
 
 
-def run_in_process(capsys, *flags):
-    """maxrl.main(flags) in this process (no torch import per run); returns what it printed."""
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        maxrl.main(list(flags))
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # main() installs its Ctrl-C handler
-    return capsys.readouterr().out
-
-
-def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path, capsys):
+def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
     """The first run computes the warm start and caches it; a run with other --N/--methods hits
     the cache (and says so); a truncated cache file is rebuilt, not a crash; a run with other
     warm-start flags misses. Cached, rebuilt and uncached runs give identical results."""
     cache = f"--cache-dir={tmp_path / 'cache'}"
-    run = lambda name, *flags: (run_in_process(capsys, *WARM_CACHED, cache, f"--out={tmp_path / name}", *flags),
+    run = lambda name, *flags: (run_main(*WARM_CACHED, cache, f"--out={tmp_path / name}", *flags).stdout,
                                 tmp_path / name / "results.json")
     first, first_json = run("first")
     assert "loaded from" not in first
@@ -1131,7 +1297,7 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
     per-process random stream, so it only has to run. Only the first process writes."""
     flags = ["--task=arith", "--methods=ml,maxrl", "--N=4", "--steps=4", "--sft-steps=10",
              "--eval-prompts=16", "--eval-every=2", "--batch=4", "--sft-batch=8", *TINY[5:]]
-    single = run_cli(*flags, f"--out={tmp_path / 'one'}")
+    single = run_main(*flags, f"--out={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     double = subprocess.run([*launcher, str(HERE / "maxrl.py"), *flags, f"--out={tmp_path / 'two'}", "--no-cache"],

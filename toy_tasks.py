@@ -11,8 +11,9 @@ Both tasks share one small interface, so the trainer in maxrl.py never looks ins
     task.encode_prompt(problem) -> list[int]
     task.reference_completion(problem) -> list[int]      a correct completion (for the warm start)
     task.check(problem, completion) -> (ok, reason)      the verifier; reward = int(ok)
-    task.reward_decided(problems, n, device)             None, or what lets sampling stop a completion
-                                                         once its reward is decided (mazes)
+    task.reward_tracker(problems, n, device)             None, or a tracker that follows n sampled
+                                                         completions of each problem token by token
+                                                         and says when a reward is decided (mazes)
     task.render(problem, completion) -> str              a readable line for printing failures
 
 A completion is the list of sampled token ids up to and including the stop token (or the
@@ -83,7 +84,7 @@ class Task:
     def reward(self, problem, completion):
         return int(self.check(problem, completion)[0])
 
-    def reward_decided(self, problems, n, device):
+    def reward_tracker(self, problems, n, device):
         """None: a completion's reward is known only at its end (see Navigation's)."""
         return None
 
@@ -228,29 +229,9 @@ class Navigation(Task):
                 return (grid, start, rng.choice(goals))
         return self.random_problem(rng)  # no two squares of this maze are that far apart: another maze
 
-    def reward_decided(self, problems, n, device):
-        """For sampling n completions of each problem: decided(rows, tokens) -> (R,) bool, which of
-        these completions (rows of the len(problems) * n) the new tokens (R,) leave with a reward
-        no later token can change, so sampling stops them there. That is any token after the
-        goal is reached, a token that is not a move, and a move into a wall or off the grid:
-        check() returns at that token whatever follows. It tracks each completion's square."""
-        def per_row(values):
-            return torch.tensor(values, device=device).repeat_interleave(n, 0)
-        is_open = per_row([grid for grid, _, _ in problems])  # (B*n, size, size)
-        square, goal = per_row([start for _, start, _ in problems]), per_row([g for _, _, g in problems])  # (B*n, 2)
-        move = torch.zeros(len(self.vocab), 2, dtype=torch.long, device=device)  # token -> (dr, dc)
-        is_move = torch.zeros(len(self.vocab), dtype=torch.bool, device=device)
-        for name, delta in MOVES.items():
-            move[self.token_id[name]], is_move[self.token_id[name]] = torch.tensor(delta), True
-
-        def decided(rows, tokens):
-            was_at_goal = (square[rows] == goal[rows]).all(-1)
-            to = square[rows] + move[tokens]  # (R, 2)
-            inside = ((to >= 0) & (to < self.size)).all(-1)
-            to = to.clamp(0, self.size - 1)
-            square[rows] = to
-            return was_at_goal | ~is_move[tokens] | ~inside | ~is_open[rows, to[:, 0], to[:, 1]]
-        return decided
+    def reward_tracker(self, problems, n, device):
+        """A MazeWalks following n sampled completions of each of these problems."""
+        return MazeWalks(self, problems, n, device)
 
     def path_length(self, problem):
         """Moves of a shortest path: how hard the maze is."""
@@ -337,6 +318,39 @@ def shortest_path(grid, start, goal):
         goal, name = came_from[goal]
         moves.append(name)
     return moves[::-1]
+
+
+class MazeWalks:
+    """Follows the walks of sampled maze completions, token by token, to say when each one's
+    reward is decided: at any token after the goal is reached, a token that is not a move, or a
+    move into a wall or off the grid, check() returns its verdict whatever follows. Sampling
+    then stops that completion there (maxrl.sample_completions).
+
+    The rows are the len(problems) * n completions, row i * n + j the j-th of problem i. The
+    contract, which the sampler keeps and a test checks: decided(rows, tokens) is called once per
+    sampling step with the rows that have not ended and the token each has just drawn, so every
+    completion's tokens come once each, in order; a row that has ended (its stop token, or
+    decided(...) returned True for it) never comes again. Each call moves those rows' squares."""
+
+    def __init__(self, task, problems, n, device):
+        def per_row(values):
+            return torch.tensor(values, device=device).repeat_interleave(n, 0)
+        self.is_open = per_row([grid for grid, _, _ in problems])  # (R, size, size)
+        self.square = per_row([start for _, start, _ in problems])  # (R, 2) where each walk stands
+        self.goal = per_row([goal for _, _, goal in problems])  # (R, 2)
+        self.move = torch.zeros(len(task.vocab), 2, dtype=torch.long, device=device)  # token -> (dr, dc)
+        self.is_move = torch.zeros(len(task.vocab), dtype=torch.bool, device=device)
+        for name, delta in MOVES.items():
+            self.move[task.token_id[name]], self.is_move[task.token_id[name]] = torch.tensor(delta), True
+        self.size = task.size
+
+    def decided(self, rows, tokens):  # (A,), (A,) -> (A,) bool: these rows' rewards are now decided
+        was_at_goal = (self.square[rows] == self.goal[rows]).all(-1)
+        to = self.square[rows] + self.move[tokens]  # (A, 2)
+        inside = ((to >= 0) & (to < self.size)).all(-1)
+        to = to.clamp(0, self.size - 1)  # off the grid: decided below; the clamp only keeps the index valid
+        self.square[rows] = to
+        return was_at_goal | ~self.is_move[tokens] | ~inside | ~self.is_open[rows, to[:, 0], to[:, 1]]
 
 
 def make_task(name, n_test=128, seed=0, size=9, loops=0.0, digits=2, ops="+", single_token=False,

@@ -9,8 +9,9 @@ transformer: what maxrl.py's lesson does not need. Run them from the project roo
     python maxrl.py --experiment=scaling          -log pass@k against N on mazes
     python maxrl.py --bench [--profile]           the cached, shared-prefix paths against naive ones
 Each writes JSON and a PNG to --out (bench prints). The tests and notebook 02 import the checks.
-After the main command, report_paired prints each method against maxrl on the same held-out
-prompts; python notebooks/experiments.py DIR1/results.json DIR2/results.json ... pools that over runs.
+After the main command on mazes, report_by_path_length prints pass@k by the mazes' shortest-path
+length; python notebooks/experiments.py DIR1/results.json DIR2/results.json ... pools the main
+command's paired comparison (maxrl.paired_differences) over runs.
 """
 
 import argparse
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 if __name__ == "__main__":  # run as a script (pooling results): maxrl.py is one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,10 +92,19 @@ def sampled_gradients(model, prompt, target, N, weightings, n_batches, groups, g
 
 def warm_started(args):
     """The model warm-started by these flags (from the cache the main command shares) and its device."""
-    run = plumbing.CommandLineRun(args)
-    model, _, device = run.model(args.task_obj)
-    run.warm_start(model, args.task_obj, device)
+    keeper = plumbing.RunKeeper(args)
+    model, _, device = maxrl.build_model(args, args.task_obj)
+    keeper.prepare(model, device)
+    keeper.warm_start(model, args.task_obj, args, device)
     return model, device
+
+
+def new_figure(nrows=1, ncols=1, figsize=(6, 4), **subplot_kw):
+    """(fig, axes) as plt.subplots, drawn straight to files: matplotlib's Figure, not pyplot,
+    so no display backend is needed and nothing global changes (a notebook keeps its plots)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
 def colormap(name):
@@ -136,7 +147,7 @@ def measure_weights(model, task, args, device, names, n_prompts=5):
     generator = torch.Generator(device).manual_seed(args.seed)
     measured = {name: [] for name in names}
     prompts = prompts_spread_in_log_p(model, task, device, n_prompts)
-    for p, prompt, answer in maxrl.progress(prompts, args, desc="measuring w"):
+    for p, prompt, answer in tqdm(prompts, desc="measuring w"):
         batches = sampled_gradients(model, prompt, answer, args.N,
                                     {name: estimator_weighting(name) for name in names}, n_batches=10,
                                     groups=64, generator=generator, max_len=task.max_completion_len,
@@ -154,7 +165,7 @@ def weights_experiment(args):
     names = ["rloo", "grpo", "maxrl"]
     measured = measure_weights(model, args.task_obj, args, device, names)
     p = np.logspace(-3, 0, 300)
-    fig, ax = maxrl.new_figure(figsize=(7, 5))
+    fig, ax = new_figure(figsize=(7, 5))
     ax.plot(p, np.ones_like(p), "k-", label="RL (pass@1): 1")
     ax.plot(p, 1 / np.sqrt(p * (1 - p) + 1e-12), "C1-", label="GRPO, N -> inf: 1/sqrt(p(1-p))")
     for i, T in enumerate([2, 4, 16, 64, 256]):
@@ -188,7 +199,7 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
     rows = [rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, n_prompts).round().astype(int)))]
     norms = {name: {"p": [], "expected": [], "sampled": []} for name in names}
     norms["ml"] = {"p": [], "expected": []}
-    for p, prompt, answer in maxrl.progress(rows, args, desc="gradient norms"):
+    for p, prompt, answer in tqdm(rows, desc="gradient norms"):
         p_tensor = target_pass_rate(model, prompt, answer)
         grad_p_norm = flat_grad(p_tensor, model).norm().item()
         groups = sampled_gradients(model, prompt, answer, args.N,
@@ -201,7 +212,7 @@ def gradnorm_experiment(args, n_prompts=48, n_groups=8):
         norms["ml"]["expected"].append(grad_p_norm / p)  # exact: ml samples nothing
         for name in norms:
             norms[name]["p"].append(p)
-    fig, ax = maxrl.new_figure(figsize=(6.5, 4.5))
+    fig, ax = new_figure(figsize=(6.5, 4.5))
     for i, (name, values) in enumerate(norms.items()):
         ax.scatter(values["p"], values["expected"], color=f"C{i}", s=18, label=f"{name}: E[gradient]")
         if name != "ml":
@@ -231,7 +242,7 @@ def gradcos_experiment(args, names=("rloo", "grpo", "maxrl")):
     p = maxrl.reference_logprob(model, task, problems, prompts).exp()  # (B,) exact, with grad
     ml_grad = flat_grad(p.log().mean(), model, retain_graph=True)
     cosines = {name: {"ml": [], "order_n": []} for name in names}  # [N index][seed]
-    for N in maxrl.progress(args.Ns, args, desc="N"):
+    for N in tqdm(args.Ns, desc="N"):
         order_n_grad = flat_grad(maxrl_objective(p, N).mean(), model, retain_graph=True)
         for values in cosines.values():
             values["ml"].append([]), values["order_n"].append([])
@@ -246,7 +257,7 @@ def gradcos_experiment(args, names=("rloo", "grpo", "maxrl")):
                 grad = flat_grad(-loss, model, retain_graph=True)
                 for target, exact in (("ml", ml_grad), ("order_n", order_n_grad)):
                     cosines[name][target][-1].append(F.cosine_similarity(grad, exact, dim=0).item())
-    fig, axes = maxrl.new_figure(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = new_figure(1, 2, figsize=(10, 4), sharey=True)
     for ax, target, title in zip(axes, ["ml", "order_n"], ["exact maximum-likelihood gradient",
                                                            "exact order-N MaxRL gradient"]):
         for name in names:
@@ -278,7 +289,7 @@ def variance_experiment(args, n_batches=32, groups=8):
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = prompts_spread_in_log_p(model, task, device, args.batch)
     variance, mean_grad = dict.fromkeys(rows, 0.0), dict.fromkeys(rows, 0.0)
-    for p, prompt, answer in maxrl.progress(prompts, args, desc="gradient variance"):
+    for p, prompt, answer in tqdm(prompts, desc="gradient variance"):
         grad_p = flat_grad(target_pass_rate(model, prompt, answer), model)
         for size in sorted({row[1] for row in rows}):  # the rows with this N share rollouts
             weightings = {row: estimator_weighting(row[0]) for row in rows if row[1] == size}
@@ -312,16 +323,17 @@ def train_sweep(args, runs, ks):
     task, initial, results = args.task_obj, [], {}
     for seed in range(args.seeds):
         seed_args = with_flags(args, seed=seed)
-        run = plumbing.CommandLineRun(seed_args)  # the warm start cached, as the main command's
-        model, _, device = run.model(task)
-        shared = maxrl.shared_start(model, task, seed_args, device, ks, run)
-        initial.append(shared["initial"])
+        keeper = plumbing.RunKeeper(seed_args)  # the warm start cached, as the main command's
+        model, _, device = maxrl.build_model(seed_args, task)
+        keeper.prepare(model, device)
+        start = maxrl.shared_start(model, task, seed_args, device, ks, keeper)
+        initial.append(start["initial"])
         for method, N in runs:
-            run_args = with_flags(seed_args, N=N)
-            start = maxrl.fresh_start(shared, run_args, device)
-            result = maxrl.train_method(method, model, task, run_args, device, start, ks, run)
+            model.load_state_dict(start["weights"])
+            result = maxrl.train_method(method, model, task, with_flags(seed_args, N=N), device,
+                                        start["initial"], ks, keeper)
             results.setdefault(run_label(method, N), []).append(result)
-            if maxrl.Run.stop_requested:  # Ctrl-C: keep what is done
+            if plumbing.stop_requested:  # Ctrl-C: keep what is done
                 return initial, results
     return initial, results
 
@@ -375,12 +387,12 @@ def interpolation_experiment(args):
     runs = [("ml", largest)] + [("maxrl", N) for N in args.Ns] + [(m, largest) for m in ("rloo", "grpo")]
     initial, results = train_sweep(args, runs, ks)
     data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
-    if maxrl.Run.stop_requested:
+    if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "interpolation", data)
     styles = {run_label(method, N): {"color": "k", "lw": 2} if method == "ml" else
               {"color": shade(args.Ns.index(N), len(args.Ns))} if method == "maxrl" else
               {"color": "C3" if method == "rloo" else "C1", "ls": "--"} for method, N in runs}
-    fig, axes = maxrl.new_figure(1, 2, figsize=(11, 4.2))
+    fig, axes = new_figure(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
         curve_bands(ax, results, metric, styles)
     title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
@@ -400,9 +412,9 @@ def order_experiment(args):
     initial, results = train_sweep(args, runs, ks)
     data = {"config": maxrl.flag_record(args), "N": args.N, "Ts": args.Ts, "T": args.T, "Ns": args.Ns,
             "ks": ks, "initial": initial, "runs": results}
-    if maxrl.Run.stop_requested:
+    if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "order", data)
-    fig, axes = maxrl.new_figure(2, 2, figsize=(11, 8))
+    fig, axes = new_figure(2, 2, figsize=(11, 8))
     for row_axes, (title, row_runs) in zip(axes, rows.items()):
         styles = {"ml": {"color": "k", "lw": 2}} | {run_label(method, N): {"color": shade(i, len(row_runs))}
                                                     for i, (method, N) in enumerate(row_runs)}
@@ -423,9 +435,9 @@ def scaling_experiment(args):
     runs = [(method, N) for method in args.methods for N in args.Ns]
     initial, results = train_sweep(args, runs, ks)
     data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
-    if maxrl.Run.stop_requested:
+    if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "scaling", data)
-    fig, axes = maxrl.new_figure(1, len(shown), figsize=(12, 4))
+    fig, axes = new_figure(1, len(shown), figsize=(12, 4))
     neg_log = lambda values: -np.log(np.maximum(values, 1e-4))  # nothing solved: drawn at 1e-4
     for ax, k in zip(axes, shown):
         ax.axhline(neg_log(np.mean([m[f"pass@{k}"] for m in initial])), color="k", ls=":",
@@ -450,38 +462,6 @@ def run_successes(summary):
     successes = {"start": summary["initial_per_prompt_successes"]} | {
         name: r["per_prompt_successes"] for name, r in summary["methods"].items() if r.get("per_prompt_successes")}
     return successes, "maxrl" if "maxrl" in successes else list(successes)[-1], summary["samples_per_prompt"]
-
-
-def per_prompt_differences(successes, reference, n, ks):
-    """{name: {metric: metric(reference) - metric(name), per prompt (P,)}}, the metrics pass@k
-    (unbiased, from n samples) and coverage; successes {name: per-prompt counts, same prompts}."""
-    per_prompt = lambda c: {**{f"pass@{k}": maxrl.pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}
-    counts = {name: np.asarray(c, dtype=np.float64) for name, c in successes.items()}  # (P,) each
-    ours = per_prompt(counts[reference])
-    return {name: {m: ours[m] - v for m, v in per_prompt(c).items()}
-            for name, c in counts.items() if name != reference}
-
-
-def paired_differences(runs, resamples=2000, seed=0):
-    """{name: {metric: [mean, low, high]}} from runs, a list of per_prompt_differences (one per
-    seed): the mean over runs of each run's mean over its prompts, and its 95% bootstrap interval,
-    resampling prompts within each run (the same resample for every method: paired)."""
-    rng, pooled = np.random.default_rng(seed), {}
-    for run in runs:
-        n_prompts = len(next(iter(next(iter(run.values())).values())))
-        resample = rng.integers(0, n_prompts, (resamples, n_prompts))
-        for name, metrics in run.items():
-            for metric, d in metrics.items():
-                pooled.setdefault(name, {}).setdefault(metric, []).append((d.mean(), d[resample].mean(1)))
-    return {name: {metric: [float(np.mean([mean for mean, _ in per_run])),
-                            *np.percentile(np.mean([boot for _, boot in per_run], 0), [2.5, 97.5]).tolist()]
-                   for metric, per_run in metrics.items()} for name, metrics in pooled.items()}
-
-
-def print_paired(table, reference, what):
-    print(f"\n{reference} minus each, {what} (mean, 95% bootstrap interval over prompts):")
-    for name, row in table.items():
-        print(f"{name:>13} " + "  ".join(f"{m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (d, lo, hi) in row.items()))
 
 
 def length_bins(lengths):
@@ -511,26 +491,21 @@ def pass_rate_histogram(successes, lengths, n):
             for row, mask in rows.items()}
 
 
-def report_paired(summary, args):
-    """Print the paired differences to maxrl (and for mazes pass@k by path length and the warm
-    start's pass-rate histogram), and write them to --out/analysis.json."""
-    successes, reference, n = run_successes(summary)
-    task, ks = args.task_obj, sorted({1, n})
-    analysis = {"reference": reference,
-                "paired": paired_differences([per_prompt_differences(successes, reference, n, ks)])}
-    print_paired(analysis["paired"], reference, f"on the same {len(successes[reference])} held-out prompts "
-                 f"(from {n} samples each)")
-    if hasattr(task, "path_length"):
-        lengths = [task.path_length(problem) for problem in task.test_problems]
-        analysis["by_path_length"] = by_path_length(successes, lengths, n, n)
-        analysis["start_pass_rate_histogram"] = pass_rate_histogram(successes["start"], lengths, n)
-        print(f"\npass@{n} by shortest-path length, moves (mazes: "
-              + ", ".join(f"{label} {int(mask.sum())}" for label, mask in length_bins(lengths).items()) + ")")
-        for name, row in analysis["by_path_length"].items():
-            print(f"{name:>13} " + " ".join(f"{label:>6} {value:.3f}" for label, value in row.items()))
-        print(f"\nwarm start: held-out mazes by successes out of {n}, by path length")
-        for row, classes in analysis["start_pass_rate_histogram"].items():
-            print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
+def report_by_path_length(summary, args):
+    """After the main command on mazes: print pass@n by shortest-path length and the warm start's
+    pass-rate histogram, and add both to --out/analysis.json."""
+    successes, _, n = run_successes(summary)
+    lengths = [args.task_obj.path_length(problem) for problem in args.task_obj.test_problems]
+    analysis = json.loads((args.out / "analysis.json").read_text())
+    analysis["by_path_length"] = by_path_length(successes, lengths, n, n)
+    analysis["start_pass_rate_histogram"] = pass_rate_histogram(successes["start"], lengths, n)
+    print(f"\npass@{n} by shortest-path length, moves (mazes: "
+          + ", ".join(f"{label} {int(mask.sum())}" for label, mask in length_bins(lengths).items()) + ")")
+    for name, row in analysis["by_path_length"].items():
+        print(f"{name:>13} " + " ".join(f"{label:>6} {value:.3f}" for label, value in row.items()))
+    print(f"\nwarm start: held-out mazes by successes out of {n}, by path length")
+    for row, classes in analysis["start_pass_rate_histogram"].items():
+        print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
     (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
 
 
@@ -573,20 +548,24 @@ def print_profile(name, fn, device, rows=12):
 
 def benchmark(args, repeats=3):
     """--bench: the cached, shared-prefix paths against naive ones, in the same run. Sampling:
-    KV cache with each prompt prefilled once vs recomputing every sequence at every step.
+    KV cache with each prompt prefilled once (the decoder the command line picks: on a CPU the
+    rows that ended leave the batch; and the lesson's, which computes every row to the end) vs
+    recomputing every sequence at every step.
     Training step (forward + backward of the policy-gradient loss): shared-prefix vs
     full-sequence forward. The model is freshly initialised (no warm start; its completions
     are random, about 15 tokens on nav): this measures the cost of each path, not of a policy."""
     task = args.task_obj
-    model, _, device = plumbing.CommandLineRun(args).model(task)
+    model, _, device = maxrl.build_model(args, task)
+    lesson_decoder = model.decoder
+    plumbing.RunKeeper(args).prepare(model, device)
     prompts = maxrl.prompt_tensor(task, task.sample_train(args.batch, random.Random(args.seed)), device)
 
-    def sample(use_cache):
+    def sample(decoder=None):
         generator = torch.Generator(device).manual_seed(args.seed)
         return maxrl.sample_completions(model, prompts, args.N, task.max_completion_len, task.stop_id,
-                                  generator, use_cache=use_cache)
+                                        generator, decoder=decoder)
 
-    completions, lengths = sample(True)  # (B, N, Tc), (B, N); also warms up
+    completions, lengths = sample()  # (B, N, Tc), (B, N); also warms up
     rewards = torch.randint(0, 2, lengths.shape, device=device).float()  # (B, N)
 
     def train_step(logprob_fn):
@@ -596,7 +575,8 @@ def benchmark(args, repeats=3):
 
     train_step(maxrl.completion_logprobs)  # warm-up
     n_tokens = lengths.sum().item()
-    paths = {"sampling, no cache": lambda: sample(False), "sampling, cached": lambda: sample(True),
+    paths = {"sampling, no cache": lambda: sample(plumbing.CompactingDecoder(model, recompute=True)),
+             "sampling, cached": sample, "sampling, cached, masked": lambda: sample(lesson_decoder),
              "train step, full sequences": lambda: train_step(full_sequence_logprobs),
              "train step, shared prefix": lambda: train_step(maxrl.completion_logprobs)}
     seconds = {name: median_seconds(fn, device, repeats) for name, fn in paths.items()}
@@ -620,6 +600,9 @@ EXPERIMENTS = {"weights": weights_experiment, "gradnorm": gradnorm_experiment, "
 if __name__ == "__main__":  # python notebooks/experiments.py runs/nav-N16-seed*/results.json
     summaries = [json.loads(open(path).read()) for path in sys.argv[1:]]
     runs = [run_successes(summary) for summary in summaries]
-    table = paired_differences([per_prompt_differences(s, ref, n, sorted({1, n})) for s, ref, n in runs])
-    print_paired(table, runs[0][1], f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
+    (_, reference, n), ns = runs[0], {n for _, _, n in runs}
+    if len(ns) > 1:
+        sys.exit(f"error: the runs have different samples per prompt ({sorted(ns)}): pool runs with the same N")
+    table = maxrl.paired_differences([successes for successes, _, _ in runs], n, sorted({1, n}), reference)
+    maxrl.print_paired(table, runs[0][1], f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
                  "resamples prompts within each run)")

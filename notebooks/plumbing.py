@@ -1,9 +1,10 @@
-"""What keeps the work of `python maxrl.py` runs, out of the lesson's way: the warm start
-cached on disk, checkpoints every --ckpt-every steps and on Ctrl-C (exit code 130) that
---resume continues from, torchrun's processes kept in step, and the GPU options (--compile,
-TF32, --cuda-graphs). maxrl.py's lesson calls all of it through the `Run` interface; its
-command line passes a CommandLineRun. On one process, the cache and checkpoints change no result
-(tests check: cached, rebuilt, uncached and resumed runs end with identical results.json).
+"""What keeps the work of `python maxrl.py` runs, out of the lesson's way: the RunKeeper that
+the lesson's main command and training loop reach through their `keeper` argument (the warm
+start cached on disk; checkpoints every --ckpt-every steps and on Ctrl-C, exit code 130, that
+--resume continues from; torchrun's processes kept in step; the GPU options --compile, TF32 and
+--cuda-graphs), and the faster decoders that draw the same tokens as the lesson's. On one
+process, the cache and checkpoints change no result (tests check: cached, rebuilt, uncached and
+resumed runs end with identical results.json).
 """
 
 import hashlib
@@ -20,16 +21,38 @@ import toy_tasks
 
 WARM_START_FLAGS = ("task", "size", "max_moves", "loops", "digits", "ops", "single_token", "train_pool",
                     "eval_prompts", "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed",
-                    "world", "compile")
+                    "compile")
+NOT_RESUMED_FLAGS = ("resume", "overwrite", "ckpt_every", "cache_dir", "no_cache", "rank")
+stop_requested = False  # set by Ctrl-C (request_stop): the run stops after its current step
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:  # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+    stop_requested = True
+    print("\nCtrl-C: stopping after this step (again to stop at once)", file=sys.stderr)
+
+
+def resumable_flags(args):
+    """The flags a resumed run must share with the run it continues."""
+    return {k: v for k, v in maxrl.flag_record(args).items() if k not in NOT_RESUMED_FLAGS}
+
+
+def load_checkpoint(path):
+    """A checkpoint's contents, every tensor on the CPU, whatever device wrote it or will use it
+    (a generator's state must be a CPU tensor; the model and optimizer copy theirs over)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def warm_start_key(args, device):
     """A short hash of everything the warm-started weights depend on: the flags above
-    (eval_prompts fixes the held-out split, which training never draws from), the device type,
-    the torch version, and this code (an edited maxrl.py or toy_tasks.py never reuses old weights)."""
+    (eval_prompts fixes the held-out split, which training never draws from), the number of
+    processes, the device type, the torch version, and this code (an edited maxrl.py or
+    toy_tasks.py never reuses old weights)."""
     code = b"".join(Path(path).read_bytes() for path in (maxrl.__file__, toy_tasks.__file__))  # also under cProfile
     depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
-    depends_on |= {"device": device.type, "torch": torch.__version__,
+    depends_on |= {"world": maxrl.WORLD, "device": device.type, "torch": torch.__version__,
                    "code": hashlib.sha256(code).hexdigest()}
     return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -55,13 +78,6 @@ def save_atomic(state, path):
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def request_stop(signum, frame):
-    if maxrl.Run.stop_requested:  # a second Ctrl-C stops at once
-        raise KeyboardInterrupt
-    maxrl.Run.stop_requested = True
-    print("\nCtrl-C: stopping after this step (again to stop at once)", file=sys.stderr)
-
-
 def average_gradients_over_processes(model):
     """torchrun: once a backward has made every gradient, each is averaged over the processes,
     in parameter order (what DistributedDataParallel does, unbucketed). Each process holds whole
@@ -78,63 +94,117 @@ def average_gradients_over_processes(model):
         parameter.register_post_accumulate_grad_hook(on_gradient)
 
 
-class CommandLineRun(maxrl.Run):
-    """The Run of python maxrl.py: the warm start cached in --cache-dir; the GPU options
-    (--compile, --cuda-graphs, TF32); torchrun's processes in step; and, with checkpoints (the
-    main command), the run's state in --out/checkpoint.pt, which --resume continues from."""
+class RunKeeper:
+    """The `keeper` of maxrl.compare_methods and train_method, for python maxrl.py and the
+    experiments: prepare sets the model up (the decoder, the GPU options, torchrun) and returns
+    the run to continue (--resume); warm_start is cached in --cache-dir; with checkpoints (the
+    main command), save and after_step write --out/checkpoint.pt and restore reads it back.
 
-    def __init__(self, args, checkpoints=False):
-        super().__init__(args)
-        self.checkpoint, self.state = args.out / "checkpoint.pt" if checkpoints else None, None
+    decoder: "compact" (rows that ended leave the batch: faster on a CPU), "masked" (the
+    lesson's: every row every step) or "cuda-graphs" (masked, replayed from CUDA graphs)."""
 
-    def model(self, task):
-        if self.args.world > 1 and self.args.device != "cpu" and torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process, its streams there
-        model, model_cfg, device = maxrl.build_model(self.args, task)
+    def __init__(self, args, checkpoints=False, decoder=None):
+        self.args, self.checkpoint = args, args.out / "checkpoint.pt" if checkpoints else None
+        self.decoder = decoder  # None: cuda-graphs with --cuda-graphs, else compact on a CPU, masked on a GPU
+        self.run, self.progress = None, None  # the run's state (warm start, methods done), the saved progress
+
+    def prepare(self, model, device):
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         if self.args.compile:
             model.compile(dynamic=True)  # sequence lengths vary from call to call
-        if self.args.cuda_graphs:
+        decoder = self.decoder or ("cuda-graphs" if self.args.cuda_graphs else
+                                   "compact" if device.type == "cpu" else "masked")
+        if decoder == "compact":
+            model.decoder = CompactingDecoder(model)
+        elif decoder == "cuda-graphs":
             model.decoder = CUDAGraphs(model).decoder
-        if self.args.world > 1:
+        if maxrl.WORLD > 1:
             average_gradients_over_processes(model)
-        return model, model_cfg, device
+        if not self.args.resume:
+            return None
+        saved = load_checkpoint(self.checkpoint)
+        self.progress = saved["current"]
+        return {"start": saved["start"], "results": saved["results"]}
 
-    def warm_start(self, model, task, device):
-        args = self.args
+    def warm_start(self, model, task, args, device):
         cache_file = Path(args.cache_dir) / f"warm-start-{warm_start_key(args, device)}.pt"
         if args.sft_steps and not args.no_cache and load_cached_weights(model, cache_file):
             print(f"warm start: loaded from {cache_file} (--no-cache recomputes it)")
             return
         maxrl.warm_start(model, task, args, device)
-        if args.sft_steps and not args.no_cache and args.rank == 0:
+        if args.sft_steps and not args.no_cache and maxrl.RANK == 0:
             save_atomic(model.state_dict(), cache_file)
 
-    def stop(self, device):  # Ctrl-C reaches the processes at slightly different steps: stop if any has it
-        if self.args.world == 1:
-            return maxrl.Run.stop_requested
-        flag = torch.tensor([float(maxrl.Run.stop_requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def save(self, start, results, current=None):
+        self.run = {"start": start, "results": results}
+        if self.checkpoint and maxrl.RANK == 0:
+            save_atomic({"flags": resumable_flags(self.args), **self.run, "current": current}, self.checkpoint)
 
-    def saved(self, device):
-        return torch.load(self.checkpoint, map_location=device, weights_only=False) if self.args.resume else None
+    def restore(self, method, training):
+        """The saved progress of this method, if the run being continued stopped in it, into the
+        training state; returns the last step done (0 for a fresh start)."""
+        progress, self.progress = self.progress, None
+        if not progress or progress["method"] != method:
+            return 0
+        training["model"].load_state_dict(progress["model"])
+        training["optimizer"].load_state_dict(progress["optimizer"])
+        training["prompt_rng"].setstate(progress["prompt_rng"])
+        training["generator"].set_state(progress["generator"])
+        training["log"].update(progress["log"])
+        return progress["step"]
 
-    def save(self, state):
-        self.state = state | {"flags": maxrl.resumable_flags(self.args)}
-        if self.checkpoint and self.args.rank == 0:
-            save_atomic(self.state, self.checkpoint)
+    def after_step(self, method, step, training):
+        """Save the method's progress every --ckpt-every steps and when asked to stop; returns
+        whether to stop (Ctrl-C on any process, under torchrun)."""
+        stop = stop_requested
+        if maxrl.WORLD > 1:  # Ctrl-C reaches the processes at slightly different steps
+            flag = torch.tensor([float(stop)], device=training["model"].embed.weight.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if self.checkpoint and (stop or (self.args.ckpt_every and step % self.args.ckpt_every == 0)):
+            self.save(self.run["start"], self.run["results"], {
+                "method": method, "step": step, "model": training["model"].state_dict(),
+                "optimizer": training["optimizer"].state_dict(), "prompt_rng": training["prompt_rng"].getstate(),
+                "generator": training["generator"].get_state(), "log": training["log"]})
+        return stop
 
-    def save_progress(self, method, progress):
-        if self.checkpoint:
-            self.save(self.state | {"current": {"method": method, "state": progress}})
 
-    def finish(self, summary):  # the paired comparison and where it comes from; then no checkpoint is needed
-        import experiments
-        experiments.report_paired(summary, self.args)
-        if self.checkpoint and not summary["interrupted"]:
-            self.checkpoint.unlink()
+class CompactingDecoder:
+    """As Transformer.decoder (the lesson's), but the rows that ended leave the batch (and the
+    KV cache, a copy), once a quarter of those still in it have ended: the work shrinks as
+    completions end, which pays on a CPU. A GPU would wait for the host at each compaction and
+    lose its fixed shapes (CUDA graphs). recompute: no KV cache, the whole sequences run again
+    at every step (slow; the tests and --bench compare the cache against it)."""
+
+    def __init__(self, model, recompute=False):
+        self.model, self.recompute = model, recompute
+
+    def __call__(self, prompts, n, capacity):
+        model, sequences = self.model, prompts.repeat_interleave(n, 0)  # (R, Tp)
+        if self.recompute:
+            logits, cache = model(sequences)[0][:, -1], None  # (R, V)
+        else:
+            prompt_logits, prompt_kv = model(prompts)
+            logits, cache = prompt_logits[:, -1].repeat_interleave(n, 0), maxrl.KVCache(prompt_kv, n, capacity)
+        rows = torch.arange(len(logits), device=prompts.device)  # (R_in,) the rows in the batch
+
+        def step(token, alive):  # (R, 1), (A,) -> (R, V): the alive rows' logits, zeros elsewhere
+            nonlocal rows, sequences
+            if 4 * (len(rows) - len(alive)) >= len(rows):  # a quarter ended: the others go on alone
+                keep = torch.isin(rows, alive)
+                rows, sequences = alive, sequences[keep]
+                if cache:
+                    cache.keys, cache.values = [k[keep] for k in cache.keys], [v[keep] for v in cache.values]
+            if self.recompute:
+                sequences = torch.cat([sequences, token[rows]], dim=1)
+                out = model(sequences)[0][:, -1]
+            else:
+                out = model(token[rows], cache)[0][:, -1]
+            full = out.new_zeros(len(token), out.shape[-1])
+            full[rows] = out
+            return full
+        return logits, step
 
 
 class CUDAGraphs:
@@ -153,18 +223,18 @@ class CUDAGraphs:
         self.model, self.pool = model, torch.cuda.graph_pool_handle()  # graphs share one pool
         self.buffers = {}  # (rows, P, capacity) -> cache, token buffer, {position: (graph, logits)}
 
-    def decoder(self, prompt_kv, n, capacity):  # as Transformer.decoder; one in use per shape
-        rows, prompt_len = prompt_kv[0][0].shape[0] * n, prompt_kv[0][0].shape[2]
+    def decoder(self, prompts, n, capacity):  # as Transformer.decoder; one in use per shape
+        logits, prompt_kv = self.model(prompts)
+        rows, prompt_len = prompts.shape[0] * n, prompts.shape[1]
         key = (rows, prompt_len, capacity)
         if key in self.buffers:
             self.buffers[key][0].fill(prompt_kv, n)
         else:
-            token = torch.zeros(rows, 1, dtype=torch.long, device=prompt_kv[0][0].device)
+            token = torch.zeros(rows, 1, dtype=torch.long, device=prompts.device)
             self.buffers[key] = maxrl.KVCache(prompt_kv, n, capacity), token, {}  # filled on creation
         cache, token_buffer, graphs = self.buffers[key]
 
-        def step(token, keep=None):  # (rows, 1) -> (rows, V), valid until the next step
-            assert keep is None, "on a GPU, rows never leave the batch (sample_completions)"
+        def step(token, alive):  # (rows, 1) -> (rows, V), valid until the next step; every row computed
             position = cache.length
             token_buffer.copy_(token)
             if position not in graphs:
@@ -173,7 +243,7 @@ class CUDAGraphs:
             graph.replay()
             cache.length = position + 1
             return logits
-        return step
+        return logits[:, -1].repeat_interleave(n, 0), step
 
     def record(self, cache, token_buffer):
         position, side = cache.length, torch.cuda.Stream()
