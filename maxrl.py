@@ -15,9 +15,9 @@ them 0/1, weight each completion's log-probability by an advantage) except:
   1. the advantage is A_j = (r_j - mean) / mean = N r_j / K - 1  (K = successes in the group):
      the policy-gradient sum is normalised by the number of successes K, not by N;
      GRPO divides by the standard deviation instead; RLOO subtracts the others' mean only;
-  2. groups with no success (K = 0) contribute nothing (the paper's Algorithm 1), which makes
-     the estimator exactly unbiased for J_T with T = N - 1; keeping the control variate -1 in
-     all-fail groups (`maxrl_order_n`) gives order T = N (the paper's Theorem 2);
+  2. as in RLOO and GRPO, groups with no success (K = 0) contribute nothing (Algorithm 1): this
+     makes MaxRL's estimator exactly unbiased for grad J_T with T = N - 1; keeping the control
+     variate -1 in all-fail groups (`maxrl_order_n`) gives order T = N (the paper's Theorem 2);
   3. nothing else: no KL, no clipping, no entropy bonus, fully on-policy.
 
 How to read this file: the lesson runs from here to the end of the main command
@@ -26,7 +26,8 @@ loss, pass@k and their exact weights; 2. the model; 3. sampling and log-probs; 4
 5. training: the warm start, one RL step (`rl_loss`), the loop (`train_method`); 6. the main
 command and its report. After it: the order-T estimator families. In notebooks/: the command
 line (command_line.py), what keeps runs and the faster decoders (plumbing.py), the experiments.
-Run: python maxrl.py --task=nav --N=16 (rloo, grpo, maxrl side by side; --help for the rest).
+Run: python maxrl.py --task=nav --N=16 (rloo, grpo, maxrl side by side; --help for the rest). With
+--task=arith the answer is unique and `--methods=ml` trains on exact maximum likelihood (cross-entropy).
 """
 
 import functools
@@ -51,16 +52,16 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 #    to advantages (..., N). The gradient estimate for the prompt is (1/N) sum_j A_j S_j with
 #    S_j = grad log pi(z_j | x), the sum of the completion's token log-prob gradients.
 
-ESTIMATORS = {}  # name -> advantage function
+ESTIMATORS = {}  # name -> advantage function (after the lesson, also the order-T families: maxrl@4, ...)
 
 
 def binary_only(advantage_fn):
     """The advantage function, refusing non-binary rewards (MaxRL divides by the mean)."""
     @functools.wraps(advantage_fn)
-    def checked(rewards):
+    def checked(rewards, *args, **kwargs):
         if not ((rewards == 0) | (rewards == 1)).all():
-            raise ValueError("rewards must be binary (0 or 1): MaxRL divides by the group mean")
-        return advantage_fn(rewards)
+            raise ValueError("rewards must be binary (0 or 1): the estimators here assume 0/1 rewards")
+        return advantage_fn(rewards, *args, **kwargs)
     return checked
 
 
@@ -93,13 +94,13 @@ def grpo(rewards, eps=1e-6):  # A_j = (r_j - mean) / (std + eps)      no closed-
 @estimator
 def maxrl(rewards):  # Algorithm 1: A_j = (r_j - mean) / mean = N r_j / K - 1; K = 0 gives 0
     mean = rewards.mean(-1, keepdim=True)  # (..., 1)
-    return (rewards - mean) / torch.where(mean > 0, mean, 1.0)  # unbiased for J_T, T = N - 1
+    return (rewards - mean) / torch.where(mean > 0, mean, 1.0)  # unbiased for grad J_T, T = N - 1
 
 
 @estimator
 def maxrl_order_n(rewards):  # Theorem 2: as maxrl, but A_j = -1 in all-fail groups (K = 0)
     all_fail = rewards.sum(-1, keepdim=True) == 0  # (..., 1)
-    return maxrl(rewards) - all_fail.to(rewards.dtype)  # unbiased for J_T, T = N
+    return maxrl(rewards) - all_fail.to(rewards.dtype)  # unbiased for grad J_T, T = N
 
 
 def policy_gradient_loss(seq_logprob, advantages):
@@ -166,8 +167,8 @@ def apply_rotary(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D/2)
 
 
 class KVCache:
-    """Keys and values of the tokens so far, one buffer per layer with room for `capacity` tokens:
-    each prompt's (B, H, P, D) copied into the rows of its n completions, then appended in place."""
+    """Keys and values of the tokens so far, one buffer per layer with room for `capacity` tokens: each
+    prompt's (B, H, P, D) copied into its n completions' rows, then appended in place (forward advances length)."""
 
     def __init__(self, prompt_kv, n, capacity):
         B, H, _, D = prompt_kv[0][0].shape
@@ -231,8 +232,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
-        head_dim = cfg.n_embd // cfg.n_head  # rotary position embedding: angles (T, D/2)
-        angles = torch.outer(torch.arange(cfg.block_size).float(), 10000.0 ** -(torch.arange(0, head_dim, 2) / head_dim))
+        D = cfg.n_embd // cfg.n_head  # head size; rotary position embedding: angles (T, D/2)
+        angles = torch.outer(torch.arange(cfg.block_size).float(), 10000.0 ** -(torch.arange(0, D, 2) / D))
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
         for module in self.modules():
@@ -280,9 +281,8 @@ def build_model(args, task):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens
-#    at positions >= length are padding (after the stop token or the token that decided the
-#    reward, or never sampled).
+# 3. Sampling and log-probs. Completions are (B, N, Tc) token ids with lengths (B, N): tokens at
+#    positions >= length are padding (after the stop token or the token that decided the reward).
 
 def sample_token(logits, race):  # (R, V), (R, V) -> (R, 1)
     """torch.multinomial(logits.softmax(-1), 1) without its host sync: multinomial checks p on the
@@ -301,11 +301,11 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, tracker=N
     sees each token of a completion once, in order, until it ends) says its reward is decided.
     Not sampling the rest changes neither the reward nor the expected gradient (a token's score
     has mean zero given the tokens before it): the estimator stays unbiased, with less variance.
-    Each row and step has its own random draws, so any decoder (default model.decoder) gives the same tokens."""
+    Each row and step has its own draws, so any decoder (default model.decoder) gives the same tokens up to rounding."""
     B, R, device = prompts.shape[0], prompts.shape[0] * n, prompts.device  # row b*n + j: completion j of prompt b
-    logits, decode = (decoder or model.decoder)(prompts, n, capacity=prompts.shape[1] + max_len)  # (R, V)
-    tokens = torch.zeros(R, max_len, dtype=torch.long, device=device)  # <pad> is id 0 in every task
-    lengths = torch.full((R,), max_len, device=device)
+    logits, decode_step = (decoder or model.decoder)(prompts, n, capacity=prompts.shape[1] + max_len)  # (R, V)
+    tokens = torch.zeros(R, max_len, dtype=torch.long, device=device)  # (R, max_len); <pad> is id 0 in every task
+    lengths = torch.full((R,), max_len, device=device)  # (R,)
     alive = torch.arange(R, device=device)  # (A,) the rows still being sampled
     for t in range(max_len):
         race = torch.empty_like(logits).exponential_(generator=generator)  # (R, V)
@@ -318,8 +318,8 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, tracker=N
         alive = alive[~ends]
         if len(alive) == 0 or t == max_len - 1:
             break  # the last token needs no forward pass
-        logits = decode(tokens[:, t:t + 1], alive)  # (R, V); the rows that ended are not read
-    return tokens[:, :t + 1].view(B, n, -1), lengths.view(B, n)
+        logits = decode_step(tokens[:, t:t + 1], alive)  # (R, V); the rows that ended are not read
+    return tokens[:, :t + 1].view(B, n, -1), lengths.view(B, n)  # Tc = t + 1 tokens sampled
 
 
 def completion_logprobs(model, prompts, completions, lengths):
@@ -385,8 +385,8 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
         successes.append(rewards.sum(-1).cpu())
         if task.unique_answers:
             exact_p.append(reference_logprob(model, task, problems, prompts).exp().cpu())
-        failures += [task.render(p, c[0][:l[0]]) for p, c, l, r in
-                     zip(problems, completions.tolist(), lengths.tolist(), rewards) if r[0] == 0]
+        failures += [task.render(problem, tokens[0][:length[0]]) for problem, tokens, length, reward in
+                     zip(problems, completions.tolist(), lengths.tolist(), rewards) if reward[0] == 0]
     c = torch.cat(successes).numpy()
     p = torch.cat(exact_p).double().numpy() if task.unique_answers else c / n
     metrics = {f"pass@{k}": float(np.mean(1 - (1 - p) ** k if task.unique_answers
@@ -412,10 +412,10 @@ def rl_loss(model, task, problems, method, N, generator, device):
     rewards = score(task, problems, completions, lengths)  # (B, N)
     advantages = ESTIMATORS[method](rewards)  # (B, N)
     has_signal = (advantages != 0).any(-1)  # (B,) the groups whose gradient is not zero
-    forward = has_signal.clone()  # the groups run through the model: those, or one if none has signal
-    forward[0] |= ~has_signal.any()  # (its gradient is zero, but every parameter gets one: torchrun stays in step)
+    run = has_signal.clone()  # (B,) the groups run through the model: those, or one if none has signal
+    run[0] |= ~has_signal.any()  # (its gradient is zero, but every parameter gets one, which torchrun waits for)
     seq_logprob = torch.zeros_like(advantages)  # (B, N); a zero-advantage group adds 0 whatever its log-probs
-    seq_logprob[forward] = completion_logprobs(model, prompts[forward], completions[forward], lengths[forward])
+    seq_logprob[run] = completion_logprobs(model, prompts[run], completions[run], lengths[run])
     loss = policy_gradient_loss(seq_logprob, advantages)
     return loss, {"reward": rewards.mean().item(), "no_signal": 1 - has_signal.float().mean().item()}
 
@@ -433,30 +433,30 @@ def warm_start(model, task, args, device):
         optimizer.step()
 
 
-def log_evaluation(model, task, args, ks, step, log, label=None):
+def log_evaluation(model, task, args, ks, step, log, print_as=None):
     """A point of the curve: held-out metrics at this step, and the training stats since the last point."""
     metrics, _, log["successes"], log["failures"] = evaluate(model, task, ks, seed=args.seed + 1)
     window, log["window"] = log["window"], []
     train = {f"train_{key}": float(np.mean([s[key] for s in window])) for key in (window[0] if window else {})}
     log["curve"].append({"step": step, "rollouts": step * args.batch * args.N, **metrics, **train})
-    if label:  # no progress bar (output to a file): a line per evaluation
-        print(f"{label}: step {step}/{args.steps} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if print_as:  # no progress bar (output to a file): a line per evaluation
+        print(f"{print_as}: step {step}/{args.steps} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
 def train_method(method, model, task, args, device, initial, ks, keeper=None):
-    """Train one method from the weights in `model` for --steps on-policy updates on --batch fresh prompts
-    each (`ml`: cross-entropy steps); held-out pass@k every --eval-every. keeper: None, or the command
-    line's: it restores an interrupted run (--resume), saves checkpoints, says if Ctrl-C asks to stop."""
+    """Train one method from the weights in `model` for --steps on-policy updates on --batch prompts each
+    (`ml`: cross-entropy steps); held-out pass@k every --eval-every. keeper: None, or the command line's:
+    it restores `training` (--resume), checkpoints it, and says when Ctrl-C asks to stop."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     prompt_rng = random.Random(f"prompts-{args.seed}")  # the same prompts for every method
     generator = torch.Generator(device).manual_seed(args.seed + 1_000_003 * RANK)  # the rollouts' draws
-    log = {"curve": [{"step": 0, "rollouts": 0, **initial}], "window": [], "successes": [], "failures": [], "wall_s": 0.0}
+    log = dict(curve=[{"step": 0, "rollouts": 0, **initial}], window=[], successes=[], failures=[], wall_s=0.0)
     training = {"model": model, "optimizer": optimizer, "prompt_rng": prompt_rng, "generator": generator, "log": log}
     step = keeper.restore(method, training) if keeper else 0  # the last step done (--resume: the checkpoint's)
     started, label = time.time() - log["wall_s"], f"{method:>5} N={args.N:<4} seed {args.seed}"
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=label, disable=RANK > 0 or None)
     for step in bar:
-        problems = task.sample_train(args.batch, prompt_rng)[RANK::WORLD]  # fresh prompts (this process's share)
+        problems = task.sample_train(args.batch, prompt_rng)[RANK::WORLD]  # prompts (this process's share)
         loss, stats = ((supervised_loss(model, task, problems, device), {}) if method == "ml"  # rollouts, rewards
                        else rl_loss(model, task, problems, method, args.N, generator, device))  # and the loss
         optimizer.zero_grad(set_to_none=True)  # backward and update
@@ -465,7 +465,7 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
         optimizer.step()
         log["window"].append(stats)
         if step % args.eval_every == 0 or step == args.steps:  # evaluate, and log
-            log_evaluation(model, task, args, ks, step, log, bar.disable and RANK == 0 and label)
+            log_evaluation(model, task, args, ks, step, log, print_as=label if bar.disable and RANK == 0 else None)
         bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=log["curve"][-1]["pass@1"])
         log["wall_s"] = time.time() - started
         if keeper and keeper.after_step(method, step, training):  # checkpoint when due; Ctrl-C: stop
@@ -552,7 +552,7 @@ def report(args, task, model_cfg, device, start, results, ks):
     for name, metrics, wall in [("start", start["initial"], start["warm_start_s"])] + [
             (m, r["final"], r["wall_s"]) for m, r in results.items()]:
         print(f"{name:>13} " + " ".join(f"{metrics[c]:>9.3f}" for c in columns) + f" {wall:>8.0f}")
-    print("".join(f"  {method} failure: {failure}\n" for method, r in results.items() for failure in r["failures"][:2]), end="")
+    print("".join(f"  {m} failure: {failure}\n" for m, r in results.items() for failure in r["failures"][:2]), end="")
     config = flag_record(args) | {
         "model": asdict(model_cfg), "device": str(device),
         "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}

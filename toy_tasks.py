@@ -10,10 +10,12 @@ Both tasks share one small interface, so the trainer in maxrl.py never looks ins
     task.train_pool                                      None (infinite data) or the fixed training set
     task.encode_prompt(problem) -> list[int]
     task.reference_completion(problem) -> list[int]      a correct completion (for the warm start)
-    task.check(problem, completion) -> (ok, reason)      the verifier; reward = int(ok)
-    task.reward_tracker(problems, n, device)             None, or a tracker that follows n sampled
-                                                         completions of each problem token by token
-                                                         and says when a reward is decided (mazes)
+    task.check(problem, completion) -> (ok, reason)      the verifier
+    task.reward(problem, completion) -> 0 or 1           int(ok)
+    task.reward_tracker(problems, n, device)             None, or a tracker (MazeWalks) that follows
+                                                         n sampled completions of each problem token
+                                                         by token: tracker.decided(rows, tokens) says
+                                                         which rewards are now decided (mazes)
     task.render(problem, completion) -> str              a readable line for printing failures
 
 A completion is the list of sampled token ids up to and including the stop token (or the
