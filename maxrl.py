@@ -285,9 +285,8 @@ def build_model(args, task):
 #    positions >= length are padding (after the stop token or the token that decided the reward).
 
 def sample_token(logits, race):  # (R, V), (R, V) -> (R, 1)
-    """torch.multinomial(logits.softmax(-1), 1) without its host sync: multinomial checks p on the
-    host (a GPU waits), then takes argmax p / q for race = q ~ Exp(1) per token (the exponential
-    race, a Gumbel-max trick). Same draws, same tokens (a test checks); p is checked asynchronously."""
+    """torch.multinomial(logits.softmax(-1), 1) without its host-side check of p (a GPU would wait): the same
+    argmax p / q over race = q ~ Exp(1) per token (a Gumbel-max trick); same draws, same tokens (tested)."""
     probs = logits.softmax(-1)  # (R, V)
     torch._assert_async(probs.isfinite().all(), "sampling from non-finite logits: did training diverge?")
     return (probs / race).argmax(-1, keepdim=True)
@@ -344,8 +343,7 @@ def prompt_tensor(task, problems, device):
 
 
 def reference_logprob(model, task, problems, prompts):
-    """log pi(reference completion | x) per problem, with grad: (B,). With unique answers
-    (arith) this is log p exactly; it is also the warm start's and `ml`'s objective."""
+    """log pi(reference completion | x) per problem, with grad: (B,); log p exactly where answers are unique."""
     refs = [task.reference_completion(p) for p in problems]
     Tc = max(map(len, refs))
     padded = torch.tensor([r + [task.pad_id] * (Tc - len(r)) for r in refs], device=prompts.device)
@@ -389,8 +387,7 @@ def evaluate(model, task, ks, seed, batch=32, n_failures=3):
                      zip(problems, completions.tolist(), lengths.tolist(), rewards) if reward[0] == 0]
     c = torch.cat(successes).numpy()
     p = torch.cat(exact_p).double().numpy() if task.unique_answers else c / n
-    metrics = {f"pass@{k}": float(np.mean(1 - (1 - p) ** k if task.unique_answers
-                                          else pass_at_k(n, c, k))) for k in ks}
+    metrics = {f"pass@{k}": float(np.mean(1 - (1 - p) ** k if task.unique_answers else pass_at_k(n, c, k))) for k in ks}
     metrics["coverage"] = float(np.mean(c > 0))
     return metrics, p, c.astype(int).tolist(), failures[:n_failures]
 
@@ -404,9 +401,15 @@ def supervised_loss(model, task, problems, device):
     return -reference_logprob(model, task, problems, prompt_tensor(task, problems, device)).mean()
 
 
-def rl_loss(model, task, problems, method, N, generator, device):
-    """One RL step's loss: sample N completions per prompt, score them, weight their log-probs."""
+def rl_loss(model, task, problems, method, N, generator, device, expected=False):
+    """One RL step's loss: sample N completions per prompt, score them, weight their log-probs. Or, with
+    expected (unique answers): no sampling, the estimator's exact expected gradient, [w_N(p) p] grad log p."""
     prompts = prompt_tensor(task, problems, device)  # (B, Tp)
+    if expected:  # E[(1/N) sum_j A_j S_j] = w_N(p) grad p, and grad p = p grad log p with p = pi(answer | x)
+        log_p = reference_logprob(model, task, problems, prompts)  # (B,)
+        p = log_p.detach().exp()  # (B,) exact, by teacher forcing
+        coefficient = torch.as_tensor(weight(method, p.double().cpu().numpy(), N), device=device) * p  # (B,)
+        return -(coefficient.float() * log_p).mean(), {"reward": p.mean().item()}
     completions, lengths = sample_completions(model, prompts, N, task.max_completion_len, task.stop_id, generator,
                                               task.reward_tracker(problems, N, device))  # (B, N, Tc), (B, N)
     rewards = score(task, problems, completions, lengths)  # (B, N)
@@ -421,8 +424,7 @@ def rl_loss(model, task, problems, method, N, generator, device):
 
 
 def warm_start(model, task, args, device):
-    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers), so RL
-    starts from a non-zero pass rate. Under torchrun each process takes its share of a batch."""
+    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers): RL starts at p > 0."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     rng = random.Random(f"sft-{args.seed}")
     for _ in tqdm(range(args.sft_steps), desc="warm start", disable=RANK > 0 or None):  # bars: on a terminal
@@ -447,7 +449,8 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
     """Train one method from the weights in `model` for --steps on-policy updates on --batch prompts each
     (`ml`: cross-entropy steps); held-out pass@k every --eval-every. keeper: None, or the command line's:
     it restores `training` (--resume), checkpoints it, and says when Ctrl-C asks to stop."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9) if args.optimizer == "sgd"
+                 else torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0))
     prompt_rng = random.Random(f"prompts-{args.seed}")  # the same prompts for every method
     generator = torch.Generator(device).manual_seed(args.seed + 1_000_003 * RANK)  # the rollouts' draws
     log = dict(curve=[{"step": 0, "rollouts": 0, **initial}], window=[], successes=[], failures=[], wall_s=0.0)
@@ -457,8 +460,9 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=label, disable=RANK > 0 or None)
     for step in bar:
         problems = task.sample_train(args.batch, prompt_rng)[RANK::WORLD]  # prompts (this process's share)
-        loss, stats = ((supervised_loss(model, task, problems, device), {}) if method == "ml"  # rollouts, rewards
-                       else rl_loss(model, task, problems, method, args.N, generator, device))  # and the loss
+        loss, stats = ((supervised_loss(model, task, problems, device), {}) if method == "ml"  # rollouts, rewards,
+                       else rl_loss(model, task, problems, method, args.N, generator, device,  # the loss
+                                    expected=args.expected_gradient))
         optimizer.zero_grad(set_to_none=True)  # backward and update
         loss.backward()
         stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # not clipped
@@ -485,18 +489,16 @@ def shared_start(model, task, args, device, ks, keeper=None):
     started = time.time()
     (keeper.warm_start if keeper else warm_start)(model, task, args, device)
     initial, per_prompt_p, successes, _ = evaluate(model, task, ks, seed=args.seed + 1)
-    quartiles = " / ".join(f"{q:.3f}" for q in np.percentile(per_prompt_p, [25, 50, 75]))
-    print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}, quartiles {quartiles}; "
+    print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}; "
           f"{np.mean(np.array(successes) == 0):.0%} of prompts unsolved in {max(ks)} samples")
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,
             "per_prompt_p": per_prompt_p, "successes": successes, "warm_start_s": time.time() - started}
 
 
 def paired_differences(runs, n, ks, reference="maxrl", resamples=2000, seed=0):
-    """{name: {metric: [mean, low, high]}}: metric(reference) - metric(name) on the same held-out prompts,
-    pass@k (unbiased, from n samples) and coverage. runs: [{name: success count per prompt}]; the mean
-    over runs of each run's mean, and its 95% bootstrap interval (prompts resampled within each run,
-    the same resample for every name: paired)."""
+    """{name: {metric: [mean, low, high]}}: metric(reference) - metric(name) on the same held-out prompts, pass@k
+    (unbiased, from n samples) and coverage. runs: [{name: success count per prompt}]; the mean over runs of each
+    run's mean, and its 95% bootstrap interval (prompts resampled within each run, alike for every name: paired)."""
     per_prompt = lambda c: {**{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}
     rng, pooled = np.random.default_rng(seed), {}
     for successes in runs:
@@ -577,10 +579,9 @@ def report(args, task, model_cfg, device, start, results, ks):
 
 
 def compare_methods(args, task, keeper=None):
-    """The main command (python maxrl.py --task=nav --N=16): one warm start, then each of --methods
-    from it with the same prompts, seed and rollouts per step; then the report. keeper: None, or
-    the command line's: the model set up (decoder, GPU, torchrun), the warm start cached, checkpoints,
-    --resume. Returns the model as the last method left it, and the summary."""
+    """The main command (python maxrl.py --task=nav --N=16): one warm start, then each of --methods from it with
+    the same prompts, seed and rollouts per step; then the report. keeper: None, or the command line's (the model
+    set up, the warm start cached, checkpoints, --resume). Returns the model as the last method left it, the summary."""
     ks = eval_ks(args.N)
     model, model_cfg, device = build_model(args, task)
     resumed = keeper.prepare(model, device) if keeper else None  # --resume: the interrupted run so far

@@ -767,7 +767,9 @@ def test_figure_experiments_run_at_a_tiny_size(tmp_path, experiment, key):
     assert key in json.loads((tmp_path / f"{experiment}.json").read_text())
 
 
-@pytest.mark.parametrize("experiment, flags", [("interpolation", ["--single-token"]), ("scaling", ["--size=7"])])
+@pytest.mark.parametrize("experiment, flags", [("interpolation", ["--single-token", "--Ts=1,3"]),
+                                               ("interpolation", ["--Ts=1,3", "--optimizer=sgd", "--lr=0.1"]),
+                                               ("scaling", ["--size=7"])])
 def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
     result = run_main(f"--experiment={experiment}", "--Ns=2,4", "--seeds=2", "--digits=1", *flags,
                      *TINY, f"--out={tmp_path}")
@@ -775,7 +777,8 @@ def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
     assert (tmp_path / f"{experiment}.png").stat().st_size > 0
     sweep = json.loads((tmp_path / f"{experiment}.json").read_text())
     assert sweep["Ns"] == [2, 4] and len(sweep["initial"]) == 2
-    expected = ({"ml", "maxrl N=2", "maxrl N=4", "rloo N=4", "grpo N=4"} if experiment == "interpolation"
+    expected = ({"ml", "maxrl T=1 expected", "maxrl T=3 expected", "maxrl N=2", "maxrl N=4", "rloo N=4", "grpo N=4"}
+                if experiment == "interpolation"
                 else {f"{m} N={N}" for m in ("rloo", "grpo", "maxrl") for N in (2, 4)})
     assert set(sweep["runs"]) == expected
     for per_seed in sweep["runs"].values():
@@ -806,8 +809,10 @@ def test_variance_experiment_runs_at_a_tiny_size(tmp_path):
 
 def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
     parse = lambda *flags: command_line.parse_args([*flags, f"--out={tmp_path / 'out'}"])
-    assert parse("--experiment=interpolation").sft_steps == 0
-    assert parse("--experiment=interpolation", "--sft-steps=30").sft_steps == 30
+    assert parse("--experiment=interpolation").sft_steps == 30 and parse("--experiment=interpolation").Ns == [4, 16, 64]
+    assert parse("--experiment=interpolation", "--single-token").sft_steps == 0
+    assert parse("--experiment=interpolation", "--single-token", "--sft-steps=30").sft_steps == 30
+    assert parse("--experiment=interpolation", "--single-token").Ns == [4, 16, 64, 256, 1024]
     assert parse("--experiment=order").N == 256
     assert parse("--experiment=order", "--N=64", "--Ts=1,4").N == 64
     assert parse("--experiment=scaling", "--paper-size").size == 17
@@ -839,6 +844,7 @@ BAD_FLAGS = [
     ["--experiment=order", "--Ts=1,x"], ["--experiment=variance", "--T=17"],
     ["--experiment=variance", "--T=0"], ["--profile"], ["--max-moves=30"], ["--max-moves=-1"],
     ["--N=100000"], ["--experiment=interpolation", "--Ns=4,10000000"],  # more memory than any machine here
+    ["--expected-gradient"], ["--optimizer=adam"],
 ] + ([["--device=cuda"], ["--cuda-graphs"], ["--cuda-graphs", "--compile"]] if not torch.cuda.is_available() else [])
 
 
@@ -878,6 +884,15 @@ def test_the_warm_starts_unsolved_share_counts_prompts_without_a_success(tmp_pat
     successes = json.loads((tmp_path / "results.json").read_text())["initial_per_prompt_successes"]
     share = re.search(r"(\d+)% of prompts unsolved in 4 samples", result.stdout).group(1)
     assert int(share) == round(100 * np.mean(np.array(successes) == 0)) and any(c == 0 for c in successes)
+
+
+def test_training_that_diverges_ends_with_one_line_not_a_traceback(tmp_path):
+    """A learning rate that makes the weights non-finite stops the run at its next sampling
+    with one line on stderr (exit code 1), not a traceback."""
+    result = run_main(*TINY, "--task=arith", "--digits=1", "--methods=ml", "--N=4", "--optimizer=sgd",
+                      "--lr=1e30", f"--out={tmp_path}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "non-finite" in lines[0], result.stderr
 
 
 def test_bad_input_on_the_command_line_exits_2_with_one_line(tmp_path):
@@ -1139,6 +1154,30 @@ def test_estimators_unbiased_on_the_transformer(sampled, name):
     t_along, orth_ratio = z_scores(batches[name], expected * grad_p)
     assert abs(t_along) < 5, f"{name}: component along grad p off by {t_along:.1f} sd"
     assert orth_ratio < 9, f"{name}: orthogonal part {orth_ratio:.1f}x its noise level"
+
+
+@pytest.mark.parametrize("name", ["rloo", "grpo", "maxrl", "maxrl@2", "maxrl_order_n"])
+def test_expected_gradient_is_the_mean_of_the_sampled_gradients(sampled, arith_setup, name, request):
+    """--expected-gradient trains on rl_loss(..., expected=True), whose gradient must be the
+    estimator's mean gradient, w_N(p) p grad log p. Checked against the Monte Carlo gradients of
+    the sampled estimator on the real model (20 batches of 250 groups, N = 4) where success is
+    the verifier's (the answer is unique), with the bounds of
+    test_estimators_unbiased_on_the_transformer (|t| < 5 along, ratio < 9 across: false-failure
+    probability below 1e-4 and 1%). Fails if the factor p is dropped (t far beyond 5)."""
+    if request.node.callspec.params["sampled"] != "answer":
+        pytest.skip("the expected gradient is for the task's own verifier: success = the unique answer")
+    task, model, prompt, answer = arith_setup
+    problem = (8, "+", 7)  # arith_setup's
+    assert task.encode_prompt(problem) == prompt.tolist()
+    N, _, _, batches = sampled
+    model.zero_grad()
+    loss, stats = maxrl.rl_loss(model, task, [problem], name, N, None, "cpu", expected=True)
+    loss.backward()
+    expected = -torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # the loss is minus the objective
+    model.zero_grad()
+    t_along, orth_ratio = z_scores(batches[name], expected)
+    assert abs(t_along) < 5 and orth_ratio < 9, (t_along, orth_ratio)
+    assert stats["reward"] == pytest.approx(experiments.target_pass_rate(model, prompt, answer).item())
 
 
 def test_theorem1_on_the_transformer(sampled):

@@ -24,19 +24,22 @@ EXPERIMENTS = ("compare", "weights", "gradnorm", "gradcos", "variance", "interpo
                "bench")  # all but compare are in notebooks/experiments.py
 EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "variance", "interpolation", "order")  # need arith
 SWEEPS = ("interpolation", "order", "scaling")  # train runs over --Ns
-TASK_DEFAULTS = {"arith": {"sft_steps": 400, "sft_batch": 64, "sft_lr": 1e-3, "steps": 100, "lr": 3e-4,
+TASK_DEFAULTS = {"arith": {"sft_steps": 400, "sft_batch": 64, "sft_lr": 1e-3, "steps": 100, "lr": 1e-4,
                            "eval_prompts": 128, "eval_every": 10}}  # where not nav's
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
-    "interpolation": {"sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "Ns": "4,16,64,256,1024"},
+    "interpolation": {"sft_steps": 30, "steps": 250, "lr": 3e-4, "eval_every": 50, "Ns": "4,16,64",
+                      "Ts": "1,3,15,63,255,1023"},
     "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
     "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000},
 }
+SINGLE_TOKEN_INTERPOLATION = {"sft_steps": 0, "steps": 500, "lr": 1e-3, "Ns": "4,16,64,256,1024",
+                              "Ts": "1,3,15,63,255,1023"}  # from p = 1/216, the paper's classification study
 PAPER_SIZE = {"size": 17, "max_moves": 0, "n_embd": 256, "sft_steps": 1500, "sft_lr": 5e-4, "sft_batch": 32, "lr": 1e-4,
               "Ns": "4,8,16,32,64,128", "steps": 200, "batch": 16, "eval_prompts": 128}
 DEFAULTS_HELP = "defaults that differ from those above (nav, compare):\n" + "\n".join(
     f"  {name}: " + " ".join(f"--{key.replace('_', '-')}={value}" for key, value in flags.items())
     for name, flags in [("--task=arith", TASK_DEFAULTS["arith"]), *EXPERIMENT_DEFAULTS.items(),
-                        ("scaling --paper-size", PAPER_SIZE)])
+                        ("interpolation --single-token", SINGLE_TOKEN_INTERPOLATION), ("scaling --paper-size", PAPER_SIZE)])
 
 
 def flag_type(convert, ok, wanted):
@@ -98,7 +101,7 @@ def build_parser():
     group.add_argument("--single-token", action="store_true",
                        help="arith: the answer is one token, one per possible result (classification)")
     add_training_flags(parser.add_argument_group("training"))
-    add_output_flags(parser)
+    add_model_output_and_sweep_flags(parser)
     return parser
 
 
@@ -109,7 +112,13 @@ def add_training_flags(group):
     group.add_argument("--N", type=POSITIVE, default=16, help="rollouts per prompt (group size)")
     group.add_argument("--steps", type=NATURAL, default=150, help="RL steps per method")
     group.add_argument("--batch", type=POSITIVE, default=16, help="prompts per RL step")
-    group.add_argument("--lr", type=RATE, default=1e-4, help="RL learning rate (AdamW)")
+    group.add_argument("--lr", type=RATE, default=1e-4, help="RL learning rate")
+    group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                       help="RL optimizer: AdamW, or SGD with momentum 0.9 (the paper's classification study; "
+                            "no schedule here); the warm start always uses AdamW")
+    group.add_argument("--expected-gradient", action="store_true",
+                       help="arith: each RL method trains on its estimator's exact expected gradient, "
+                            "w_N(p) p grad log p with p teacher-forced: no sampling noise")
     group.add_argument("--sft-steps", type=NATURAL, default=500,
                        help="supervised warm-start steps, shared by all methods (0 = none)")
     group.add_argument("--sft-batch", type=POSITIVE, default=32, help="warm-start batch size")
@@ -127,7 +136,7 @@ def add_training_flags(group):
                        help="with --bench: also print where each path's time goes (torch.profiler)")
 
 
-def add_output_flags(parser):
+def add_model_output_and_sweep_flags(parser):
     group = parser.add_argument_group("model")
     group.add_argument("--n-layer", type=POSITIVE, default=4, help="transformer blocks")
     group.add_argument("--n-head", type=POSITIVE, default=4, help="attention heads")
@@ -144,10 +153,11 @@ def add_output_flags(parser):
     group = parser.add_argument_group("sweeps and orders (interpolation, scaling, gradcos, order, variance)")
     group.add_argument("--Ns", type=INTEGERS, default="4,16,64,256", help="rollouts per prompt to sweep, e.g. 4,16")
     group.add_argument("--Ts", type=INTEGERS, default="1,4,16,64,256",
-                       help="order: the orders T of maxrl@T to sweep at --N")
+                       help="order: the orders T of maxrl@T to sweep at --N; interpolation: the orders "
+                            "trained on their exact expected gradient (maxrl at N = T + 1)")
     group.add_argument("--T", type=POSITIVE, default=4,
                        help="order: the order of maxrl@T at every --Ns; variance: the order compared")
-    group.add_argument("--seeds", type=POSITIVE, default=3, help="seeds 0..SEEDS-1, each from its own start")
+    group.add_argument("--seeds", type=POSITIVE, default=3, help="sweeps: seeds SEED..SEED+SEEDS-1, each from its own start")
     group.add_argument("--paper-size", action="store_true",
                        help="scaling: the paper's maze setting (17x17, 3M parameters, N up to 128; a GPU)")
 
@@ -177,6 +187,8 @@ def flag_problems(args):
         (args.profile and args.experiment != "bench", "--profile goes with --bench"),
         ("ml" in args.methods and args.task != "arith",
          "ml (exact cross-entropy) needs unique answers: use it with --task=arith"),
+        (args.expected_gradient and args.task != "arith",
+         "--expected-gradient needs unique answers (exact p): use it with --task=arith"),
     ]
     if any(failed for failed, _ in problems):
         return problems  # the estimator checks below need valid group sizes
@@ -242,6 +254,8 @@ def parse_args(argv=None):
     first_pass = parser.parse_known_args(argv)[0]
     parser.set_defaults(**TASK_DEFAULTS.get(default_task(first_pass), {}))
     parser.set_defaults(**EXPERIMENT_DEFAULTS.get(first_pass.experiment, {}))
+    if first_pass.experiment == "interpolation" and first_pass.single_token:
+        parser.set_defaults(**SINGLE_TOKEN_INTERPOLATION)
     if first_pass.paper_size:
         parser.set_defaults(**PAPER_SIZE)
     args = parser.parse_args(argv)
@@ -264,6 +278,18 @@ def parse_args(argv=None):
     return args
 
 
+def run(args):
+    """The main command, or the experiment the flags name."""
+    if args.experiment == "compare":
+        _, summary = maxrl.compare_methods(args, args.task_obj, plumbing.RunKeeper(args, checkpoints=True))
+        if summary and not summary["interrupted"]:
+            (args.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete
+        if summary and hasattr(args.task_obj, "path_length"):
+            experiments.report_by_path_length(summary, args)
+    else:
+        experiments.EXPERIMENTS[args.experiment](args)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if maxrl.WORLD > 1:  # launched by torchrun: one process per GPU (nccl) or per CPU slot (gloo)
@@ -273,14 +299,13 @@ def main(argv=None):
         dist.init_process_group("nccl" if on_gpus else "gloo")
     if args.experiment in ("compare", *SWEEPS):  # Ctrl-C: finish the step, save, exit 130
         signal.signal(signal.SIGINT, plumbing.request_stop)
-    if args.experiment == "compare":
-        _, summary = maxrl.compare_methods(args, args.task_obj, plumbing.RunKeeper(args, checkpoints=True))
-        if summary and not summary["interrupted"]:
-            (args.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete
-        if summary and hasattr(args.task_obj, "path_length"):
-            experiments.report_by_path_length(summary, args)
-    else:
-        experiments.EXPERIMENTS[args.experiment](args)
+    try:
+        run(args)
+    except RuntimeError as err:  # sample_token's check: the weights are no longer finite
+        if "non-finite" not in str(err):
+            raise
+        sys.stderr.write(f"error: {err} (a smaller --lr, or another --optimizer?)\n")
+        sys.exit(1)
     if maxrl.WORLD > 1:
         dist.destroy_process_group()
     if plumbing.stop_requested:

@@ -3,7 +3,9 @@ transformer: what maxrl.py's lesson does not need. Run them from the project roo
     python maxrl.py --experiment=weights          weight function: analytic, exact, measured
     python maxrl.py --experiment=gradnorm         gradient norm against pass rate
     python maxrl.py --experiment=gradcos          cosine to the maximum-likelihood gradient as N grows
-    python maxrl.py --experiment=interpolation --single-token    maxrl -> cross-entropy as N grows
+    python maxrl.py --experiment=interpolation    maxrl -> cross-entropy as the order grows: each
+                                                  order's exact expected gradient, and sampled maxrl
+                                                  (--single-token: one-token answers; --optimizer=sgd)
     python maxrl.py --experiment=order            higher order T, or more rollouts N?
     python maxrl.py --experiment=variance         gradient variance at equal order
     python maxrl.py --experiment=scaling          -log pass@k against N on mazes
@@ -317,22 +319,23 @@ def with_flags(args, **changes):
 
 
 def train_sweep(args, runs, ks):
-    """Train each (method, N) in runs from one shared start per seed (seeds 0 .. --seeds-1),
-    on the same prompt stream and steps: the engine of the interpolation, order and scaling
-    experiments. Returns the start's metrics per seed and {label: [one result per seed]}."""
+    """Train each (method, N) or (method, N, expected) in runs from one shared start per seed
+    (seeds --seed .. --seed + --seeds - 1), on the same prompt stream and steps; expected: on the estimator's
+    exact expected gradient (--expected-gradient). The engine of the interpolation, order and
+    scaling experiments. Returns the start's metrics per seed and {label: [one result per seed]}."""
     task, initial, results = args.task_obj, [], {}
-    for seed in range(args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):
         seed_args = with_flags(args, seed=seed)
         keeper = plumbing.RunKeeper(seed_args)  # the warm start cached, as the main command's
         model, _, device = maxrl.build_model(seed_args, task)
         keeper.prepare(model, device)
         start = maxrl.shared_start(model, task, seed_args, device, ks, keeper)
         initial.append(start["initial"])
-        for method, N in runs:
+        for method, N, expected in [(*run, False)[:3] for run in runs]:
             model.load_state_dict(start["weights"])
-            result = maxrl.train_method(method, model, task, with_flags(seed_args, N=N), device,
-                                        start["initial"], ks, keeper)
-            results.setdefault(run_label(method, N), []).append(result)
+            result = maxrl.train_method(method, model, task, with_flags(seed_args, N=N, expected_gradient=expected),
+                                        device, start["initial"], ks, keeper)
+            results.setdefault(run_label(method, N, expected), []).append(result)
             if plumbing.stop_requested:  # Ctrl-C: keep what is done
                 return initial, results
     return initial, results
@@ -353,8 +356,8 @@ def save_interrupted_sweep(out, name, data):
     print(f"interrupted: wrote the runs done so far to {out}/{name}.json")
 
 
-def run_label(method, N):
-    return "ml" if method == "ml" else f"{method} N={N}"
+def run_label(method, N, expected=False):
+    return "ml" if method == "ml" else f"{method} T={N - 1} expected" if expected else f"{method} N={N}"
 
 
 def band(ax, x, per_seed, **style):
@@ -379,24 +382,54 @@ def shade(i, n):
 
 
 def interpolation_experiment(args):
-    """The paper's classification figure at toy scale: ml (exact cross-entropy) and maxrl at
-    every N in --Ns, rloo and grpo at the largest N, all from the same start (no warm start:
-    p starts near 1/vocabulary) with the same prompts and steps. Held-out exact pass@1 and
-    pass@k against gradient steps; mean and range over --seeds seeds."""
+    """Does MaxRL interpolate to maximum likelihood as N grows? On arith, where the answer is
+    unique and p exact: ml (exact cross-entropy); maxrl trained on its exact expected gradient
+    at each order T in --Ts (N = T + 1: w_N(p) p grad log p, no sampling noise: the objective
+    alone); maxrl sampled at each N in --Ns (order N - 1: objective and noise); rloo and grpo
+    sampled at the largest N. All from one start per seed with the same prompts and steps.
+    Left: held-out exact pass@1 and pass@64 against steps (ml, the expected orders, sampled
+    maxrl); right: pass@64 at the end against the order T, expected and sampled side by side.
+    Mean and range over --seeds seeds."""
     largest, ks = max(args.Ns), maxrl.eval_ks(64)
-    runs = [("ml", largest)] + [("maxrl", N) for N in args.Ns] + [(m, largest) for m in ("rloo", "grpo")]
+    runs = ([("ml", largest)] + [("maxrl", T + 1, True) for T in args.Ts] + [("maxrl", N) for N in args.Ns]
+            + [(m, largest) for m in ("rloo", "grpo")])
     initial, results = train_sweep(args, runs, ks)
-    data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
+    data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "Ts": args.Ts, "ks": ks, "initial": initial,
+            "runs": results}
     if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "interpolation", data)
-    styles = {run_label(method, N): {"color": "k", "lw": 2} if method == "ml" else
-              {"color": shade(args.Ns.index(N), len(args.Ns))} if method == "maxrl" else
-              {"color": "C3" if method == "rloo" else "C1", "ls": "--"} for method, N in runs}
-    fig, axes = new_figure(1, 2, figsize=(11, 4.2))
+    expected = {T: run_label("maxrl", T + 1, True) for T in args.Ts}
+    styles = {"ml": {"color": "k", "lw": 2}} | {
+        label: {"color": shade(i, len(args.Ts)), "ls": ":"} for i, label in enumerate(expected.values())} | {
+        run_label("maxrl", N): {"color": shade(args.Ts.index(N - 1), len(args.Ts)) if N - 1 in args.Ts else "C2"}
+        for N in args.Ns}
+    fig, axes = new_figure(1, 3, figsize=(16, 4.4))
     for ax, metric in zip(axes, ["pass@1", f"pass@{max(ks)}"]):
         curve_bands(ax, results, metric, styles)
-    title = f"arith{' single-token' if args.single_token else ''}: {args.batch} prompts per step,"
+    order_figure(axes[2], results, initial, args, f"pass@{max(ks)}", expected, largest)
+    title = f"arith{' single-token' if args.single_token else ''}, {args.optimizer} lr {args.lr}: {args.batch} prompts per step,"
     finish_sweep_figure(fig, axes, args, "interpolation", title, data)
+
+
+def order_figure(ax, results, initial, args, metric, expected, largest):
+    """The end of each run against the order T of its objective: maxrl on its exact expected
+    gradient as a line (band: the range over seeds), sampled maxrl at T = N - 1 as squares with
+    the range, and ml, rloo, grpo and the start as horizontal lines (means over seeds)."""
+    final = lambda label: [r["final"][metric] for r in results[label]]  # one per seed
+    band(ax, list(expected), np.array([final(label) for label in expected.values()]).T, color="C0", marker="o",
+         label="maxrl, exact expected gradient")
+    sampled = np.array([final(run_label("maxrl", N)) for N in args.Ns])  # (Ns, seeds)
+    mean = sampled.mean(1)
+    ax.errorbar([N - 1 for N in args.Ns], mean, yerr=[mean - sampled.min(1), sampled.max(1) - mean], fmt="s",
+                color="C2", capsize=4, label="maxrl sampled at N = T + 1")
+    for label, color, ls in [("ml", "k", "-"), (run_label("rloo", largest), "C3", "--"),
+                             (run_label("grpo", largest), "C1", "--")]:
+        ax.axhline(np.mean(final(label)), color=color, ls=ls, label=label)
+    ax.axhline(np.mean([m[metric] for m in initial]), color="grey", ls=":", label="start")
+    ax.set(xscale="log", yscale="log", xlabel="order T of the objective (maxrl: T = N - 1)",
+           ylabel=f"held-out {metric} at the end (exact)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
 
 
 def order_experiment(args):
