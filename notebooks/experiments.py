@@ -13,7 +13,8 @@ transformer: what maxrl.py's lesson does not need. Run them from the project roo
 Each writes JSON and a PNG to --out (bench prints). The tests and notebook 02 import the checks.
 After the main command on mazes, report_by_path_length prints pass@k by the mazes' shortest-path
 length; python notebooks/experiments.py DIR1/results.json DIR2/results.json ... pools the main
-command's paired comparison (maxrl.paired_differences) over runs.
+command's paired comparison (maxrl.paired_differences) over runs, and prints maxrl's test-time
+scaling efficiency against each method (scaling_factors) at the largest k the runs sampled.
 """
 
 import argparse
@@ -497,6 +498,44 @@ def run_successes(summary):
     return successes, "maxrl" if "maxrl" in successes else list(successes)[-1], summary["samples_per_prompt"]
 
 
+def samples_to_reach(curve, target):
+    """The k at which an increasing curve pass@1..pass@K first reaches target, interpolated
+    linearly in log k between the integers around it; 1 if pass@1 already does. curve (K,)."""
+    i = int(np.argmax(curve >= target))  # the first k = i + 1 that reaches it (curve[-1] >= target)
+    if i == 0:
+        return 1.0
+    fraction = (target - curve[i - 1]) / (curve[i] - curve[i - 1])
+    return i * ((i + 1) / i) ** fraction  # log k* = log i + fraction (log(i + 1) - log i)
+
+
+def scaling_factor(ours, theirs):
+    """Test-time scaling efficiency of ours against theirs, two pass@k curves (k = 1..K): how many
+    times fewer samples ours needs for the same pass@k, anchored at the largest k. If ours reaches
+    theirs's pass@K at k < K, K / k (above 1); else theirs reaches our pass@K at some k', and k' / K."""
+    K = len(ours)
+    return K / samples_to_reach(ours, theirs[-1]) if ours[-1] >= theirs[-1] else samples_to_reach(theirs, ours[-1]) / K
+
+
+def scaling_factors(runs, n, reference="maxrl", resamples=1000, seed=0):
+    """{name: [factor, low, high]}: scaling_factor of reference against each other name, on the
+    pass@k curves (k = 1..n, unbiased from n samples per prompt) averaged over prompts and over runs
+    (runs: one {name: per-prompt success counts} per run, the same prompts for every name), and a
+    95% bootstrap interval: prompts resampled within each run, the same resample for every name."""
+    rng, curves, boots = np.random.default_rng(seed), {}, {}
+    for successes in runs:
+        n_prompts = len(successes[reference])
+        weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), resamples) / n_prompts  # (R, P)
+        for name, counts in successes.items():
+            per_prompt = 1 - maxrl.all_fail_fractions(n, np.asarray(counts, dtype=np.float64), n)[:, 1:]  # (P, n)
+            curves.setdefault(name, []).append(per_prompt.mean(0))
+            boots.setdefault(name, []).append(weights @ per_prompt)  # (R, n)
+    mean = {name: np.mean(values, 0) for name, values in curves.items()}  # (n,) over runs
+    boot = {name: np.mean(values, 0) for name, values in boots.items()}  # (R, n)
+    return {name: [scaling_factor(mean[reference], mean[name]), *np.percentile(
+        [scaling_factor(ours, theirs) for ours, theirs in zip(boot[reference], boot[name])], [2.5, 97.5]).tolist()]
+        for name in mean if name != reference}
+
+
 def length_bins(lengths):
     """{label: mask} for the bins of shortest-path length (moves) that hold mazes."""
     lengths, edges = np.asarray(lengths), [1, 3, 5, 7, 10, 14, 10**9]
@@ -639,3 +678,7 @@ if __name__ == "__main__":  # python notebooks/experiments.py runs/nav-N16-seed*
     table = maxrl.paired_differences([successes for successes, _, _ in runs], n, sorted({1, n}), reference)
     maxrl.print_paired(table, runs[0][1], f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
                  "resamples prompts within each run)")
+    print(f"\ntest-time scaling efficiency of {reference} at k = {n} (how many times fewer samples it needs for "
+          "the same pass@k; 95% bootstrap interval):")
+    for name, (factor, low, high) in scaling_factors([successes for successes, _, _ in runs], n, reference).items():
+        print(f"{name:>13} {factor:.2f}x [{low:.2f}, {high:.2f}]")
