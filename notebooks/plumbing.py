@@ -99,13 +99,12 @@ class RunKeeper:
     experiments: prepare sets the model up (the decoder, the GPU options, torchrun) and returns
     the run to continue (--resume); warm_start is cached in --cache-dir; with checkpoints (the
     main command), save and after_step write --out/checkpoint.pt and restore reads it back.
+    The decoder: CUDAGraphs with --cuda-graphs; on a CPU the CompactingDecoder (rows that ended
+    leave the batch); else the lesson's (every row every step). Tests pick decoders directly,
+    through sample_completions' decoder argument."""
 
-    decoder: "compact" (rows that ended leave the batch: faster on a CPU), "masked" (the
-    lesson's: every row every step) or "cuda-graphs" (masked, replayed from CUDA graphs)."""
-
-    def __init__(self, args, checkpoints=False, decoder=None):
+    def __init__(self, args, checkpoints=False):
         self.args, self.checkpoint = args, args.out / "checkpoint.pt" if checkpoints else None
-        self.decoder = decoder  # None: cuda-graphs with --cuda-graphs, else compact on a CPU, masked on a GPU
         self.run, self.progress = None, None  # the run's state (warm start, methods done), the saved progress
 
     def prepare(self, model, device):
@@ -113,12 +112,10 @@ class RunKeeper:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         if self.args.compile:
             model.compile(dynamic=True)  # sequence lengths vary from call to call
-        decoder = self.decoder or ("cuda-graphs" if self.args.cuda_graphs else
-                                   "compact" if device.type == "cpu" else "masked")
-        if decoder == "compact":
-            model.decoder = CompactingDecoder(model)
-        elif decoder == "cuda-graphs":
+        if self.args.cuda_graphs:
             model.decoder = CUDAGraphs(model).decoder
+        elif device.type == "cpu":
+            model.decoder = CompactingDecoder(model)
         if maxrl.WORLD > 1:
             average_gradients_over_processes(model)
         if not self.args.resume:
