@@ -167,27 +167,38 @@ def apply_rotary(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D/2)
 
 
 class KVCache:
-    """Keys and values of the tokens so far, one buffer per layer with room for `capacity` tokens: each
-    prompt's (B, H, P, D) copied into its n completions' rows, then appended in place (forward advances length)."""
+    """Keys and values of the tokens so far, per layer, for R = B*n rows: n completions of each of B prompts
+    (row b*n + j: completion j of prompt b). Shared prefix (cascade attention): a prompt's keys and values
+    (B, H, P, D) are stored once, not copied into its n rows; the rows' own, after the prompt, fill
+    (R, H, capacity - P, D) in place. forward advances length, the tokens so far (prompt included)."""
 
     def __init__(self, prompt_kv, n, capacity):
-        B, H, _, D = prompt_kv[0][0].shape
-        self.keys = [k.new_empty(B * n, H, capacity, D) for k, _ in prompt_kv]
-        self.values = [v.new_empty(B * n, H, capacity, D) for _, v in prompt_kv]
-        self.fill(prompt_kv, n)
+        B, H, P, D = prompt_kv[0][0].shape
+        self.prompt_kv, self.n, self.length = prompt_kv, n, P
+        self.keys = [k.new_empty(B * n, H, capacity - P, D) for k, _ in prompt_kv]
+        self.values = [v.new_empty(B * n, H, capacity - P, D) for _, v in prompt_kv]
 
-    def fill(self, prompt_kv, n):  # (B, H, P, D) per layer -> the first P positions of each row
-        for layer, (k, v) in enumerate(prompt_kv):
-            B, H, P, D = k.shape
-            self.keys[layer][:, :, :P].view(B, n, H, P, D)[:] = k[:, None]
-            self.values[layer][:, :, :P].view(B, n, H, P, D)[:] = v[:, None]
-        self.length = P  # tokens filled so far
+    def group(self, x):  # (R, ...) -> (B, n, ...): each prompt's rows together
+        return x.view(-1, self.n, *x.shape[1:])
 
-    def append(self, layer, k, v):  # (R, H, T, D) each -> all keys, values so far (R, H, P+T, D)
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def ungroup(self, x):  # (B, n, ...) -> (R, ...)
+        return x.flatten(0, 1)
+
+    def attend(self, layer, q, k, v):  # (R, H, T, D) each, for T new tokens -> attention output (R, H, T, D)
+        prompt_k, prompt_v = self.prompt_kv[layer]  # (B, H, P, D)
+        P, T, D = prompt_k.shape[2], q.shape[2], q.shape[3]
+        start, end = self.length - P, self.length - P + T  # the new tokens' place among each row's own
+        self.keys[layer][:, :, start:end], self.values[layer][:, :, start:end] = k, v
+        own_k, own_v = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (R, H, end, D)
+        q = q / math.sqrt(D)
+        prompt_scores = self.ungroup(torch.einsum("bjhtd,bhpd->bjhtp", self.group(q), prompt_k))  # (R, H, T, P)
+        own_scores = q @ own_k.transpose(-1, -2)  # (R, H, T, end)
+        if T > 1:  # new token i sees all of the prompt, and of its row's own tokens those up to itself
+            future = torch.ones(T, end, dtype=torch.bool, device=q.device).triu(start + 1)  # (T, end)
+            own_scores = own_scores.masked_fill(future, float("-inf"))
+        weights = torch.cat([prompt_scores, own_scores], -1).softmax(-1)  # (R, H, T, P+end): one softmax over both
+        from_prompt = torch.einsum("bjhtp,bhpd->bjhtd", self.group(weights[..., :P]), prompt_v)  # (B, n, H, T, D)
+        return self.ungroup(from_prompt) + weights[..., P:] @ own_v
 
 
 class SelfAttention(nn.Module):
@@ -203,11 +214,8 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # is_causal would align the mask top-left; queries here sit after P cached keys
-            k, v = cache.append(self.layer, k, v)  # (B, H, P+T, D)
-            P = k.shape[2] - T
-            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # one new token sees every key
+        else:  # after the cache's tokens
+            y = cache.attend(self.layer, q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
@@ -241,8 +249,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, idx, cache=None):
-        """idx (B, T) tokens that follow the cache's P tokens -> logits (B, T, V) and each
-        layer's keys/values (B, H, P+T, D); a KVCache is extended in place."""
+        """idx (B, T) tokens that follow the cache's tokens -> logits (B, T, V) and each layer's keys and
+        values of these T tokens (B, H, T, D); a KVCache is extended in place."""
         past_len = 0 if cache is None else cache.length
         cos = self.cos[past_len:past_len + idx.shape[1]]  # (T, D/2)
         sin = self.sin[past_len:past_len + idx.shape[1]]
@@ -366,13 +374,20 @@ def eval_ks(N):
     return [2**i for i in range(max(N - 1, 1).bit_length() + 1)]
 
 
+def final_ks(args, ks):
+    """The ks of the final evaluations (the warm start's and each method's, the ones compared): up to
+    --eval-samples samples per prompt, for a precise pass@1 and pass@k at large k; max(ks) if that is more."""
+    return eval_ks(max(args.eval_samples, max(ks)))
+
+
 @torch.no_grad()
-def evaluate(model, task, ks, seed, batch=32, n_failures=3):
+def evaluate(model, task, ks, seed, rows=1024, n_failures=3):
     """Held-out metrics: pass@k exact, 1 - (1-p)^k with p by teacher forcing, where answers are unique
     (arith), else unbiased from n = max(ks) samples; coverage, the share of prompts with a success among
-    the n. Returns the metrics, p and the success count of each prompt (in order), a few failures."""
+    the n. Returns the metrics, p and the success count of each prompt (in order), a few failures.
+    Prompts are sampled a few at a time, about `rows` completions at once (memory)."""
     n, device = max(ks), model.embed.weight.device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator, batch = torch.Generator(device).manual_seed(seed), max(1, rows // n)
     successes, exact_p, failures = [], [], []
     for start in range(0, len(task.test_problems), batch):
         problems = task.test_problems[start:start + batch]
@@ -468,27 +483,27 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
         stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # not clipped
         optimizer.step()
         log["window"].append(stats)
-        if step % args.eval_every == 0 or step == args.steps:  # evaluate, and log
-            log_evaluation(model, task, args, ks, step, log, print_as=label if bar.disable and RANK == 0 else None)
+        if step % args.eval_every == 0 and step < args.steps:  # evaluate, and log
+            log_evaluation(model, task, args, ks, step, log, print_as=bar.disable and RANK == 0 and label)
         bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=log["curve"][-1]["pass@1"])
         log["wall_s"] = time.time() - started
         if keeper and keeper.after_step(method, step, training):  # checkpoint when due; Ctrl-C: stop
             break
-    if log["curve"][-1]["step"] != step:  # stopped early: the weights it stopped with
-        log_evaluation(model, task, args, ks, step, log)
+    if step > 0:  # the final evaluation, with more samples, of the weights it ended (or stopped) with
+        log_evaluation(model, task, args, final_ks(args, ks), step, log, print_as=bar.disable and RANK == 0 and label)
     return {"final": log["curve"][-1], "curve": log["curve"], "wall_s": time.time() - started,
             "failures": log["failures"], "per_prompt_successes": log["successes"], "interrupted": step < args.steps}
 
 
 # ----------------------------------------------------------------------------------------
 # 6. The main command: one warm start, every method from it; then the table, each method
-#    against maxrl on the same held-out prompts, results.json and the plots.
+#    against maxrl on the same held-out prompts, results.json.
 
 def shared_start(model, task, args, device, ks, keeper=None):
-    """The warm start every method trains from (the keeper's: cached on disk) and its held-out metrics."""
-    started = time.time()
+    """The warm start every method trains from and its held-out metrics (the keeper's: both cached on disk)."""
+    started, ks = time.time(), final_ks(args, ks)
     (keeper.warm_start if keeper else warm_start)(model, task, args, device)
-    initial, per_prompt_p, successes, _ = evaluate(model, task, ks, seed=args.seed + 1)
+    initial, per_prompt_p, successes, _ = (keeper.evaluate_start if keeper else evaluate)(model, task, ks, args.seed + 1)
     print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}; "
           f"{np.mean(np.array(successes) == 0):.0%} of prompts unsolved in {max(ks)} samples")
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,
@@ -525,31 +540,11 @@ def flag_record(args):
             for k, v in vars(args).items() if k not in ("task_obj", "out")} | {"rank": RANK, "world": WORLD}
 
 
-def save_plots(results, ks, out):
-    """curves.png: held-out pass@1 and pass@max(k) against rollouts; pass_at_k.png: pass@k at the end.
-    matplotlib's Figure, not pyplot: no display backend is needed, nothing global changes."""
-    from matplotlib.figure import Figure
-    curves, at_k = Figure(figsize=(11, 4)), Figure(figsize=(5.5, 4))
-    for ax, metric in zip(curves.subplots(1, 2), ["pass@1", f"pass@{max(ks)}"]):
-        for method, r in results.items():
-            ax.plot([c["rollouts"] for c in r["curve"]], [c[metric] for c in r["curve"]], marker=".", label=method)
-        ax.set(xlabel="rollouts consumed (steps x prompts x N)", ylabel=f"held-out {metric}")
-    ax, start = at_k.subplots(), next(iter(results.values()))["curve"][0]
-    for name, metrics, style in [(m, r["final"], "o-") for m, r in results.items()] + [("start", start, "k.--")]:
-        ax.plot(ks, [metrics[f"pass@{k}"] for k in ks], style, label=name)
-    ax.set(xscale="log", xlabel="k", ylabel="held-out pass@k", xticks=ks, xticklabels=[str(k) for k in ks])
-    for fig, name in [(curves, "curves"), (at_k, "pass_at_k")]:
-        for ax in fig.axes:
-            ax.grid(alpha=0.3)
-        fig.axes[0].legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=120)
-
-
 def report(args, task, model_cfg, device, start, results, ks):
-    """Print the table, a few failures, each method against maxrl on the same held-out prompts;
-    write results.json, analysis.json (that comparison) and the plots. Returns the summary."""
-    columns = [f"pass@{k}" for k in ks] + ["coverage"]
+    """Print the table, a few failures, each method against maxrl on the same held-out prompts (from the
+    final evaluations' n samples each); write results.json and analysis.json (that comparison). Returns the summary."""
+    n = max(final_ks(args, ks))
+    columns = [f"pass@{k}" for k in sorted({*ks, n})] + ["coverage"]
     print(f"\n{'method':>13} " + " ".join(f"{c:>9}" for c in columns) + f" {'wall s':>8}")
     for name, metrics, wall in [("start", start["initial"], start["warm_start_s"])] + [
             (m, r["final"], r["wall_s"]) for m, r in results.items()]:
@@ -557,23 +552,22 @@ def report(args, task, model_cfg, device, start, results, ks):
     print("".join(f"  {m} failure: {failure}\n" for m, r in results.items() for failure in r["failures"][:2]), end="")
     config = flag_record(args) | {
         "model": asdict(model_cfg), "device": str(device),
-        "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={max(ks)}"}
+        "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={n}"}
     summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
                "interrupted": len(results) < len(args.methods) or any(r["interrupted"] for r in results.values()),
                "initial": start["initial"],
                "initial_pass_rate_quartiles": np.percentile(start["per_prompt_p"], [25, 50, 75]).tolist(),
-               "initial_per_prompt_successes": start["successes"], "samples_per_prompt": max(ks),
+               "initial_per_prompt_successes": start["successes"], "samples_per_prompt": n,
                "warm_start_wall_s": start["warm_start_s"], "methods": results}
     successes = {"start": start["successes"]} | {
         m: r["per_prompt_successes"] for m, r in results.items() if r["per_prompt_successes"]}  # --steps=0: none
-    reference, n = "maxrl" if "maxrl" in successes else list(successes)[-1], max(ks)
-    paired = paired_differences([successes], n, sorted({1, n}), reference)
+    reference = "maxrl" if "maxrl" in successes else list(successes)[-1]
+    paired = paired_differences([successes], n, sorted({1, max(ks), n}), reference)
     print_paired(paired, reference, f"on the same {len(task.test_problems)} held-out prompts (from {n} samples each)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     (args.out / "analysis.json").write_text(json.dumps({"reference": reference, "paired": paired}, indent=1))
-    save_plots(results, ks, args.out)
-    print(f"wrote {args.out}/results.json, analysis.json, curves.png, pass_at_k.png"
+    print(f"wrote {args.out}/results.json, analysis.json"
           + (f" (interrupted: continue with --resume --out={args.out})" if summary["interrupted"] else ""))
     return summary
 

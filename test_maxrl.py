@@ -358,6 +358,18 @@ def tiny_model(task, seed=0):
     return maxrl.Transformer(cfg)
 
 
+def attentive_model(task, device, scale=10):
+    """tiny_model with embeddings and attention weights scaled up, so that logits are peaked
+    and depend strongly on earlier tokens: a cache that loses a key changes them."""
+    model = tiny_model(task).to(device)
+    with torch.no_grad():
+        model.embed.weight.mul_(scale)
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(scale)
+            block.attn.proj.weight.mul_(scale)
+    return model
+
+
 DECODERS = {"masked": lambda model: model.decoder,  # the lesson's: every row computed to the end
             "compact": plumbing.CompactingDecoder,  # the command line's on CPUs: ended rows leave
             "recompute": lambda model: plumbing.CompactingDecoder(model, recompute=True)}  # no cache
@@ -383,26 +395,27 @@ class ContractCheck:
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_every_decoder_draws_the_same_completions_and_keeps_the_tracker_contract(decoder):
-    """The lesson's decoder (ended rows masked), the one whose ended rows leave the batch, and
-    the full recompute draw the same tokens from the same random numbers, with and without a
-    reward tracker; a float64 model, so that a different number of rows is unlikely to round a
-    draw differently. Each keeps the tracker's contract, and the tracker saw exactly each
+    """The lesson's decoder (a KV cache with each prompt's keys shared by its rows, ended rows
+    masked), the one whose ended rows leave the batch, and the plain one (no cache: each row
+    runs its whole sequence, prompt copied in, at every step) draw the same tokens from the same
+    random numbers, with and without a reward tracker; a float64 model, so that a different
+    number of rows is unlikely to round a draw differently. Each keeps the tracker's contract, and the tracker saw exactly each
     completion. (Fails if rows drop out of step with the draws, e.g. race[:len(rows)]; or if ended
     rows were passed to the tracker.) Single-token arith: one token, no decoding step."""
     for task, n in [(Navigation(size=7, n_test=16, max_moves=6), 8), (Arithmetic(digits=1, n_test=2, single_token=True), 5)]:
-        model, problems = tiny_model(task).double(), task.test_problems
+        model, problems = attentive_model(task, "cpu", scale=3).double(), task.test_problems
         prompts, rows = maxrl.prompt_tensor(task, problems, "cpu"), len(problems) * n
 
         def sample(decoder_name, tracker=None):
             return maxrl.sample_completions(model, prompts, n, task.max_completion_len, task.stop_id,
                                             torch.Generator().manual_seed(7), tracker, DECODERS[decoder_name](model))
-        plain, other = sample("masked"), sample(decoder)
+        plain, other = sample("recompute"), sample(decoder)
         assert torch.equal(plain[0], other[0]) and torch.equal(plain[1], other[1])
         assert plain[0].shape[:2] == (len(problems), n)
         if task.reward_tracker(problems, n, "cpu") is None:
             continue
         checks = [ContractCheck(task.reward_tracker(problems, n, "cpu"), rows, task.stop_id) for _ in range(2)]
-        early, other_early = sample("masked", checks[0]), sample(decoder, checks[1])
+        early, other_early = sample("recompute", checks[0]), sample(decoder, checks[1])
         assert torch.equal(early[0], other_early[0]) and torch.equal(early[1], other_early[1])
         completions, lengths = early[0].view(rows, -1).tolist(), early[1].view(-1)
         for check in checks:
@@ -481,18 +494,6 @@ def test_sample_token_draws_what_multinomial_draws(device):
     if device == "cpu":  # on a GPU the check is a device-side assert, fatal to the process
         with pytest.raises(RuntimeError, match="non-finite"):
             maxrl.sample_token(torch.full_like(logits, float("nan")), race)
-
-
-def attentive_model(task, device):
-    """tiny_model with embeddings and attention weights scaled up, so that logits are peaked
-    and depend strongly on earlier tokens: a cache that loses a key changes them."""
-    model = tiny_model(task).to(device)
-    with torch.no_grad():
-        model.embed.weight.mul_(10)
-        for block in model.blocks:
-            block.attn.qkv.weight.mul_(10)
-            block.attn.proj.weight.mul_(10)
-    return model
 
 
 def decode_along(model, prompts, completions):
@@ -713,10 +714,10 @@ def test_scaling_factors_from_success_counts_cover_the_factor_built_in():
     rng = np.random.default_rng(3)
     p_b = rng.uniform(0.0005, 0.05, 400)
     counts = {"maxrl": rng.binomial(256, 1 - (1 - p_b) ** 4), "other": rng.binomial(256, p_b)}
-    factor, low, high = experiments.scaling_factors([counts], 256)["other"]
+    factor, low, high = experiments.scaling_factors(*experiments.bootstrap_curves([counts], 256))["other"]
     assert abs(factor - 4) < 0.4 and low <= 4 <= high, (factor, low, high)
     counts["same"] = counts["maxrl"]  # paired: every resample compares the same prompts, so exactly 1
-    assert experiments.scaling_factors([counts], 256)["same"] == [1.0, 1.0, 1.0]
+    assert experiments.scaling_factors(*experiments.bootstrap_curves([counts], 256))["same"] == [1.0, 1.0, 1.0]
 
 
 def test_mazes_with_a_maximum_path_length_spread_evenly():
@@ -762,9 +763,13 @@ TINY = ["--steps=2", "--sft-steps=2", "--eval-prompts=8", "--eval-every=1", "--b
         "--n-layer=1", "--n-embd=16", "--n-head=2"]
 
 
-@pytest.mark.parametrize("task_flags", [["--task=nav", "--size=7", "--N=4"],
-                                        ["--task=arith", "--methods=ml,maxrl,rloo", "--N=2"]])
-def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
+@pytest.mark.parametrize("task_flags, samples", [(["--task=nav", "--size=7", "--N=4"], 256),
+                                                 (["--task=arith", "--methods=ml,maxrl,rloo", "--N=2",
+                                                   "--eval-samples=5"], 8)])
+def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags, samples):
+    """The main command at a tiny size: its files, and the final evaluations (the warm start's and
+    each method's) with --eval-samples per prompt (rounded up to a power of two), those during
+    training with N."""
     result = run_main(*task_flags, *TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "coverage" in result.stdout
@@ -772,20 +777,26 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags):
     assert re.search(r"maxrl N=\d+ +seed 0: step 2/2 pass@1 [0-9.]+", result.stdout)  # a line per evaluation
     summary = json.loads((tmp_path / "results.json").read_text())
     assert {"task", "N", "seed", "config", "methods"} <= summary.keys()
+    final_metrics = {f"pass@{k}" for k in maxrl.eval_ks(samples)} | {"coverage"}
+    assert summary["samples_per_prompt"] == samples and summary["initial"].keys() == final_metrics
     for name, method in summary["methods"].items():
         assert {"final", "curve", "wall_s"} <= method.keys()
-        assert {"pass@1", "coverage"} <= method["final"].keys()
+        assert final_metrics <= method["final"].keys() and f"pass@{2 * samples}" not in method["final"]
         assert [c["step"] for c in method["curve"]] == [0, 1, 2]
         assert {"step", "rollouts", "pass@1"} <= method["curve"][-1].keys()
-    assert (tmp_path / "curves.png").stat().st_size > 0
-    assert (tmp_path / "pass_at_k.png").stat().st_size > 0
-    assert summary["samples_per_prompt"] == 2 ** (max(summary["N"] - 1, 1).bit_length())  # max(eval_ks(N))
+        training_metrics = {f"pass@{k}" for k in maxrl.eval_ks(summary["N"])} | {"coverage"}
+        assert training_metrics <= method["curve"][1].keys() and f"pass@{samples}" not in method["curve"][1]
+    for figure in ("curves", "pass_at_k", "pareto"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 0
     for successes in [summary["initial_per_prompt_successes"]] + [m["per_prompt_successes"]
                                                                    for m in summary["methods"].values()]:
-        assert len(successes) == 8 and all(0 <= c <= summary["samples_per_prompt"] for c in successes)
+        assert len(successes) == 8 and all(0 <= c <= samples for c in successes)
     analysis = json.loads((tmp_path / "analysis.json").read_text())
-    assert set(analysis["paired"]) == {"start", *summary["methods"]} - {analysis["reference"]}
-    assert "minus each, on the same 8 held-out prompts" in result.stdout
+    others = {"start", *summary["methods"]} - {analysis["reference"]}
+    assert set(analysis["paired"]) == set(analysis["scaling_factors"]) == others
+    assert all(low <= factor <= high for factor, low, high in analysis["scaling_factors"].values())
+    assert f"minus each, on the same 8 held-out prompts (from {samples} samples each)" in result.stdout
+    assert f"test-time scaling efficiency of maxrl at k = {samples}" in result.stdout
 
 
 @pytest.mark.parametrize("experiment, key", [("weights", "N"), ("gradnorm", "N"), ("gradcos", "Ns")])
@@ -911,7 +922,7 @@ def test_the_warm_starts_unsolved_share_counts_prompts_without_a_success(tmp_pat
     result = run_main(*TINY, "--task=arith", "--digits=1", "--methods=ml", "--N=4", f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     successes = json.loads((tmp_path / "results.json").read_text())["initial_per_prompt_successes"]
-    share = re.search(r"(\d+)% of prompts unsolved in 4 samples", result.stdout).group(1)
+    share = re.search(r"(\d+)% of prompts unsolved in 256 samples", result.stdout).group(1)
     assert int(share) == round(100 * np.mean(np.array(successes) == 0)) and any(c == 0 for c in successes)
 
 
@@ -1333,21 +1344,23 @@ WARM_CACHED = ["--task=arith", "--digits=1", "--N=2", "--methods=ml,maxrl", "--s
 
 
 def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
-    """The first run computes the warm start and caches it; a run with other --N/--methods hits
-    the cache (and says so); a truncated cache file is rebuilt, not a crash; a run with other
-    warm-start flags misses. Cached, rebuilt and uncached runs give identical results."""
+    """The first run computes the warm start and its evaluation and caches both; a run with other
+    --N/--methods hits the cache (and says so); truncated cache files are rebuilt, not a crash; a run
+    with other warm-start flags misses. Cached, rebuilt and uncached runs give identical results."""
     cache = f"--cache-dir={tmp_path / 'cache'}"
     run = lambda name, *flags: (run_main(*WARM_CACHED, cache, f"--out={tmp_path / name}", *flags).stdout,
                                 tmp_path / name / "results.json")
     first, first_json = run("first")
     assert "loaded from" not in first
-    [cache_file] = (tmp_path / "cache").iterdir()
+    weights, evaluation = sorted((tmp_path / "cache").iterdir(), key=lambda path: "-eval-" in path.name)
+    assert "-eval-256-1." in evaluation.name  # --eval-samples, the evaluation's seed
     hit, _ = run("hit", "--N=4", "--methods=rloo")
     assert "warm start: loaded from" in hit
     again, again_json = run("again")
     uncached, uncached_json = run("uncached", "--no-cache")
     assert "loaded from" in again and "loaded from" not in uncached
-    cache_file.write_bytes(cache_file.read_bytes()[:100])  # a partial write
+    for cache_file in (weights, evaluation):
+        cache_file.write_bytes(cache_file.read_bytes()[:100])  # a partial write
     rebuilt, rebuilt_json = run("rebuilt")
     assert "loaded from" not in rebuilt
     results = [without_timing(json.loads(path.read_text()))
@@ -1355,7 +1368,7 @@ def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
     assert all(result == results[0] for result in results)
     other, _ = run("other", "--sft-steps=4")
     assert "loaded from" not in other
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 4
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
@@ -1376,4 +1389,4 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
     assert two["initial"]["pass@1"] == pytest.approx(one["initial"]["pass@1"], rel=1e-6)
     for ours, theirs in zip(two["methods"]["ml"]["curve"], one["methods"]["ml"]["curve"]):
         assert ours["pass@1"] == pytest.approx(theirs["pass@1"], rel=1e-6)
-    assert double.stdout.count("wrote ") == 1  # the first process only
+    assert double.stdout.count("wrote ") == single.stdout.count("wrote ")  # the first process only

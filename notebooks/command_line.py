@@ -15,7 +15,7 @@ import torch.distributed as dist
 import experiments
 import maxrl
 import plumbing
-from maxrl import ESTIMATORS, FAMILIES, estimator_problem, eval_ks
+from maxrl import ESTIMATORS, FAMILIES, estimator_problem, eval_ks, final_ks
 from toy_tasks import make_task
 
 HERE = Path(maxrl.__file__).resolve().parent
@@ -28,9 +28,10 @@ TASK_DEFAULTS = {"arith": {"sft_steps": 400, "sft_batch": 64, "sft_lr": 1e-3, "s
                            "eval_prompts": 128, "eval_every": 10}}  # where not nav's
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
     "interpolation": {"sft_steps": 30, "steps": 250, "lr": 3e-4, "eval_every": 50, "Ns": "4,16,64",
-                      "Ts": "1,3,15,63,255,1023"},
-    "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256},
-    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000},
+                      "Ts": "1,3,15,63,255,1023", "eval_samples": 0},
+    "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256,
+              "eval_samples": 0},
+    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000, "eval_samples": 0},
 }
 SINGLE_TOKEN_INTERPOLATION = {"sft_steps": 0, "steps": 500, "lr": 1e-3, "Ns": "4,16,64,256,1024",
                               "Ts": "1,3,15,63,255,1023"}  # from p = 1/216, the paper's classification study
@@ -144,6 +145,9 @@ def add_model_output_and_sweep_flags(parser):
     group = parser.add_argument_group("evaluation and output")
     group.add_argument("--eval-prompts", type=POSITIVE, default=256, help="held-out prompts")
     group.add_argument("--eval-every", type=POSITIVE, default=50, help="evaluate every this many steps")
+    group.add_argument("--eval-samples", type=NATURAL, default=256,
+                       help="samples per held-out prompt in the final evaluations (the warm start's, each method's; "
+                            "a power of two, or the next one up); the evaluations during training draw N")
     group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
     group.add_argument("--overwrite", action="store_true", help="write into an --out that holds a run")
     group.add_argument("--resume", action="store_true",
@@ -204,12 +208,12 @@ def flag_problems(args):
 
 def memory_problem(args):
     """Why the largest batch of rows this run samples would not fit in memory, or None. Each
-    sampled row gets a KV cache of its whole length up front (2 x layers x width floats a
-    token): a lower bound on what sampling allocates, for the RL steps (--batch x N rows) and
-    the evaluation (32 prompts x the samples per prompt)."""
+    sampled row gets a KV cache of its whole completion up front (2 x layers x width floats a
+    token; the prompt's is shared): a lower bound on what sampling allocates, for the RL steps
+    (--batch x N rows) and the evaluations (at least one prompt's samples at once)."""
     task, N = args.task_obj, max(args.Ns) if args.experiment in SWEEPS else args.N
-    rows = max(args.batch * N, 32 * max(eval_ks(64 if args.experiment in SWEEPS else N)))
-    per_row = 4 * (task.prompt_len + task.max_completion_len) * (2 * args.n_layer * args.n_embd + len(task.vocab))
+    rows = max(args.batch * N, max(final_ks(args, eval_ks(64 if args.experiment in SWEEPS else N))))
+    per_row = 4 * task.max_completion_len * (2 * args.n_layer * args.n_embd + len(task.vocab))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     try:
         total = (torch.cuda.get_device_properties(0).total_memory if cuda
@@ -284,6 +288,8 @@ def run(args):
         _, summary = maxrl.compare_methods(args, args.task_obj, plumbing.RunKeeper(args, checkpoints=True))
         if summary and not summary["interrupted"]:
             (args.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete
+        if summary:
+            experiments.report_test_time_scaling(summary, args)
         if summary and hasattr(args.task_obj, "path_length"):
             experiments.report_by_path_length(summary, args)
     else:

@@ -516,24 +516,107 @@ def scaling_factor(ours, theirs):
     return K / samples_to_reach(ours, theirs[-1]) if ours[-1] >= theirs[-1] else samples_to_reach(theirs, ours[-1]) / K
 
 
-def scaling_factors(runs, n, reference="maxrl", resamples=1000, seed=0):
-    """{name: [factor, low, high]}: scaling_factor of reference against each other name, on the
-    pass@k curves (k = 1..n, unbiased from n samples per prompt) averaged over prompts and over runs
-    (runs: one {name: per-prompt success counts} per run, the same prompts for every name), and a
-    95% bootstrap interval: prompts resampled within each run, the same resample for every name."""
+def bootstrap_curves(runs, n, resamples=1000, seed=0):
+    """The pass@k curves (k = 1..n, unbiased from n samples per prompt) of each name, averaged over
+    prompts and over runs (runs: one {name: per-prompt success counts} per run, the same prompts for
+    every name), and `resamples` bootstrap copies of them: prompts resampled within each run, the same
+    resample for every name (paired). Returns {name: (n,)} and {name: (resamples, n)}."""
     rng, curves, boots = np.random.default_rng(seed), {}, {}
     for successes in runs:
-        n_prompts = len(successes[reference])
+        n_prompts = len(next(iter(successes.values())))
         weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), resamples) / n_prompts  # (R, P)
         for name, counts in successes.items():
             per_prompt = 1 - maxrl.all_fail_fractions(n, np.asarray(counts, dtype=np.float64), n)[:, 1:]  # (P, n)
             curves.setdefault(name, []).append(per_prompt.mean(0))
             boots.setdefault(name, []).append(weights @ per_prompt)  # (R, n)
-    mean = {name: np.mean(values, 0) for name, values in curves.items()}  # (n,) over runs
-    boot = {name: np.mean(values, 0) for name, values in boots.items()}  # (R, n)
-    return {name: [scaling_factor(mean[reference], mean[name]), *np.percentile(
-        [scaling_factor(ours, theirs) for ours, theirs in zip(boot[reference], boot[name])], [2.5, 97.5]).tolist()]
-        for name in mean if name != reference}
+    return {name: np.mean(c, 0) for name, c in curves.items()}, {name: np.mean(b, 0) for name, b in boots.items()}
+
+
+def scaling_factors(curves, boots, reference="maxrl"):
+    """{name: [factor, low, high]}: scaling_factor of reference against each other name (curves and
+    boots from bootstrap_curves), and its 95% bootstrap interval (paired: the same prompts resampled)."""
+    return {name: [scaling_factor(curves[reference], curves[name]), *np.percentile(
+        [scaling_factor(ours, theirs) for ours, theirs in zip(boots[reference], boots[name])], [2.5, 97.5]).tolist()]
+        for name in curves if name != reference}
+
+
+def with_intervals(curves, boots, k):
+    """{name: [pass@k, low, high]}: each name's own 95% bootstrap interval (not paired)."""
+    return {name: [float(curve[k - 1]), *np.percentile(boots[name][:, k - 1], [2.5, 97.5]).tolist()]
+            for name, curve in curves.items()}
+
+
+def print_scaling_factors(factors, reference, n):
+    print(f"\ntest-time scaling efficiency of {reference} at k = {n}: how many times fewer samples it needs for the "
+          "same pass@k (below 1: more), 95% bootstrap interval over prompts")
+    for name, (factor, low, high) in factors.items():
+        print(f"{name:>13} {factor:.2f}x [{low:.2f}, {high:.2f}]")
+
+
+def curves_figure(summary, out):
+    """curves.png: held-out pass@1 and pass@(the training evaluations' largest k) against rollouts."""
+    fig, axes = new_figure(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ["pass@1", f"pass@{max(maxrl.eval_ks(summary['N']))}"]):
+        for method, r in summary["methods"].items():
+            ax.plot([c["rollouts"] for c in r["curve"]], [c[metric] for c in r["curve"]], marker=".", label=method)
+        ax.set(xlabel="rollouts consumed (steps x prompts x N)", ylabel=f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+
+
+def pass_at_k_figure(curves, factors, reference, out, title=""):
+    """pass_at_k.png: pass@k against log k at the end, as the paper's figure; each factor drawn as the
+    span from where one curve reaches the other's pass@n to n."""
+    fig, ax = new_figure(figsize=(6.5, 4.5))
+    n, ks = len(curves[reference]), np.arange(1, len(curves[reference]) + 1)
+    lines = {name: ax.plot(ks, curve, "k--" if name == "start" else "-", label=name)[0] for name, curve in curves.items()}
+    for name, (factor, _, _) in factors.items():
+        behind = curves[name] if factor >= 1 else curves[reference]  # the curve whose pass@n the other reaches
+        k_reached = n / factor if factor >= 1 else n * factor
+        ax.plot([k_reached, n], [behind[-1]] * 2, ":", color=lines[name].get_color(), lw=2)
+        ax.annotate(f"{factor:.2g}x", (k_reached, behind[-1]), textcoords="offset points", xytext=(-4, 4),
+                    ha="right", fontsize=8, color=lines[name].get_color())
+    ax.set(xscale="log", xlabel="k (samples per prompt)", ylabel="held-out pass@k",
+           title=title or f"{reference}: samples for the same pass@{n} (dotted)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pass_at_k.png", dpi=120)
+
+
+def pareto_figure(curves, boots, out, title=""):
+    """pareto.png: pass@1 against pass@n per name, each with its own 95% bootstrap interval."""
+    n, fig, ax = len(next(iter(curves.values()))), *new_figure(figsize=(5.5, 4.5))
+    low, high = with_intervals(curves, boots, 1), with_intervals(curves, boots, n)
+    for name in curves:
+        (y, y_lo, y_hi), (x, x_lo, x_hi) = low[name], high[name]
+        ax.errorbar(x, y, xerr=[[x - x_lo], [x_hi - x]], yerr=[[y - y_lo], [y_hi - y]], fmt="ks" if name == "start"
+                    else "o", capsize=3, label=name)
+    ax.set(xlabel=f"held-out pass@{n}", ylabel="held-out pass@1",
+           title=title or "up and right is better; bars: each one's own 95% interval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+
+
+def report_test_time_scaling(summary, args):
+    """After the main command: maxrl's test-time scaling efficiency against each (printed, and added to
+    --out/analysis.json with pass@1 and pass@n intervals); curves.png, pass_at_k.png, pareto.png."""
+    successes, reference, n = run_successes(summary)
+    curves, boots = bootstrap_curves([successes], n)
+    factors = scaling_factors(curves, boots, reference)
+    print_scaling_factors(factors, reference, n)
+    analysis = json.loads((args.out / "analysis.json").read_text())
+    analysis |= {"scaling_factors": factors, "pass@1": with_intervals(curves, boots, 1),
+                 f"pass@{n}": with_intervals(curves, boots, n)}
+    (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    curves_figure(summary, args.out)
+    pass_at_k_figure(curves, factors, reference, args.out)
+    pareto_figure(curves, boots, args.out)
+    print(f"wrote {args.out}/curves.png, pass_at_k.png, pareto.png")
 
 
 def length_bins(lengths):
@@ -669,16 +752,35 @@ EXPERIMENTS = {"weights": weights_experiment, "gradnorm": gradnorm_experiment, "
                "order": order_experiment, "scaling": scaling_experiment, "bench": benchmark}
 
 
-if __name__ == "__main__":  # python notebooks/experiments.py runs/nav-N16-seed*/results.json
-    summaries = [json.loads(open(path).read()) for path in sys.argv[1:]]
+def pool_runs(paths, out=None):
+    """Pool main-command runs (results.json of the same flags, other seeds): print the paired comparison and
+    the scaling factors pooled over them, each name's pass@1 and pass@n with intervals; with out, the figures."""
+    summaries = [json.loads(Path(path).read_text()) for path in paths]
     runs = [run_successes(summary) for summary in summaries]
     (_, reference, n), ns = runs[0], {n for _, _, n in runs}
     if len(ns) > 1:
-        sys.exit(f"error: the runs have different samples per prompt ({sorted(ns)}): pool runs with the same N")
-    table = maxrl.paired_differences([successes for successes, _, _ in runs], n, sorted({1, n}), reference)
-    maxrl.print_paired(table, runs[0][1], f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
-                 "resamples prompts within each run)")
-    print(f"\ntest-time scaling efficiency of {reference} at k = {n} (how many times fewer samples it needs for "
-          "the same pass@k; 95% bootstrap interval):")
-    for name, (factor, low, high) in scaling_factors([successes for successes, _, _ in runs], n, reference).items():
-        print(f"{name:>13} {factor:.2f}x [{low:.2f}, {high:.2f}]")
+        sys.exit(f"error: the runs have different samples per prompt ({sorted(ns)}): pool runs with the same flags")
+    pooled, N = [successes for successes, _, _ in runs], summaries[0]["N"]
+    table = maxrl.paired_differences(pooled, n, sorted({1, max(maxrl.eval_ks(N)), n}), reference)
+    maxrl.print_paired(table, reference, f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
+                       "resamples prompts within each run)")
+    curves, boots = bootstrap_curves(pooled, n)
+    factors = scaling_factors(curves, boots, reference)
+    print_scaling_factors(factors, reference, n)
+    for k in (1, n):
+        print(f"\npass@{k}, each with its own 95% interval: " + ", ".join(
+            f"{name} {v:.3f} [{lo:.3f}, {hi:.3f}]" for name, (v, lo, hi) in with_intervals(curves, boots, k).items()))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        pass_at_k_figure(curves, factors, reference, out, title=f"pooled over {len(runs)} runs: {reference}'s "
+                         f"samples for the same pass@{n} (dotted)")
+        pareto_figure(curves, boots, out, title=f"pooled over {len(runs)} runs; bars: each one's own 95% interval")
+        print(f"wrote {out}/pass_at_k.png, pareto.png")
+
+
+if __name__ == "__main__":  # python notebooks/experiments.py [--out DIR] runs/nav-N16-seed*/results.json
+    parser = argparse.ArgumentParser(description="Pool main-command runs: paired differences, scaling factors.")
+    parser.add_argument("results", nargs="+", help="results.json files of runs with the same flags")
+    parser.add_argument("--out", type=Path, help="write the pooled pass_at_k.png and pareto.png here")
+    pooling = parser.parse_args()
+    pool_runs(pooling.results, pooling.out)

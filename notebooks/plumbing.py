@@ -64,9 +64,9 @@ def load_checkpoint(path):
 def warm_start_key(args, device):
     """A short hash of everything the warm-started weights depend on: the flags above
     (eval_prompts fixes the held-out split, which training never draws from), the number of
-    processes, the device type, the torch version, and this code (an edited maxrl.py or
-    toy_tasks.py never reuses old weights)."""
-    code = b"".join(Path(path).read_bytes() for path in (maxrl.__file__, toy_tasks.__file__))  # also under cProfile
+    processes, the device type, the torch version, and this code (an edited maxrl.py, toy_tasks.py
+    or this file, whose decoders sample the warm start's evaluation, never reuses old results)."""
+    code = b"".join(Path(path).read_bytes() for path in (maxrl.__file__, toy_tasks.__file__, __file__))
     depends_on = {flag: getattr(args, flag) for flag in WARM_START_FLAGS}
     depends_on |= {"world": maxrl.WORLD, "device": device.type, "torch": torch.__version__,
                    "code": hashlib.sha256(code).hexdigest()}
@@ -150,6 +150,21 @@ class RunKeeper:
         if args.sft_steps and not args.no_cache and maxrl.RANK == 0:
             save_atomic(model.state_dict(), cache_file)
 
+    def evaluate_start(self, model, task, ks, seed):
+        """maxrl.evaluate of the warm start, cached beside its weights (the same key, the ks and seed)."""
+        args, device = self.args, model.embed.weight.device
+        cache_file = Path(args.cache_dir) / f"warm-start-{warm_start_key(args, device)}-eval-{max(ks)}-{seed}.pt"
+        cached = args.sft_steps and not args.no_cache
+        if cached and cache_file.exists():
+            try:
+                return torch.load(cache_file, weights_only=False)
+            except Exception:  # truncated or unreadable: recompute
+                pass
+        evaluation = maxrl.evaluate(model, task, ks, seed)
+        if cached and maxrl.RANK == 0:
+            save_atomic(evaluation, cache_file)
+        return evaluation
+
     def save(self, start, results, current=None):
         self.run = {"start": start, "results": results}
         if self.checkpoint and maxrl.RANK == 0:
@@ -184,12 +199,36 @@ class RunKeeper:
         return stop
 
 
+class CompactingCache(maxrl.KVCache):
+    """A KVCache that holds only some of the R rows, `rows` (in order): the others have left the batch.
+    Grouping by prompt puts the rows held back in their places among all R (zeros where rows left), so
+    that each prompt's keys and values stay shared; the rows that left cost only that share."""
+
+    def __init__(self, prompt_kv, n, capacity):
+        super().__init__(prompt_kv, n, capacity)
+        self.rows = torch.arange(len(self.keys[0]), device=self.keys[0].device)  # (R_in,) all R at first
+
+    def keep(self, rows):  # (R_kept,) a subset of self.rows
+        kept = torch.isin(self.rows, rows)
+        self.keys, self.values = [k[kept] for k in self.keys], [v[kept] for v in self.values]
+        self.rows = rows
+
+    def group(self, x):  # (R_in, ...) -> (B, n, ...)
+        every_row = x.new_zeros(self.prompt_kv[0][0].shape[0] * self.n, *x.shape[1:])
+        every_row[self.rows] = x
+        return super().group(every_row)
+
+    def ungroup(self, x):  # (B, n, ...) -> (R_in, ...)
+        return super().ungroup(x)[self.rows]
+
+
 class CompactingDecoder:
     """As Transformer.decoder (the lesson's), but the rows that ended leave the batch (and the
-    KV cache, a copy), once a quarter of those still in it have ended: the work shrinks as
-    completions end, which pays on a CPU. A GPU would wait for the host at each compaction and
-    lose its fixed shapes (CUDA graphs). recompute: no KV cache, the whole sequences run again
-    at every step (slow; the tests and --bench compare the cache against it)."""
+    KV cache: a CompactingCache) once a quarter of those still in it have ended: the work
+    shrinks as completions end, which pays on a CPU. A GPU would wait for the host at each
+    compaction and lose its fixed shapes (CUDA graphs). recompute: no KV cache, the whole
+    sequences (prompt copied into each) run again at every step: the plain decoder, slow; the
+    tests and --bench compare the others with it."""
 
     def __init__(self, model, recompute=False):
         self.model, self.recompute = model, recompute
@@ -200,16 +239,17 @@ class CompactingDecoder:
             logits, cache = model(sequences)[0][:, -1], None  # (R, V)
         else:
             prompt_logits, prompt_kv = model(prompts)
-            logits, cache = prompt_logits[:, -1].repeat_interleave(n, 0), maxrl.KVCache(prompt_kv, n, capacity)
+            logits, cache = prompt_logits[:, -1].repeat_interleave(n, 0), CompactingCache(prompt_kv, n, capacity)
         rows = torch.arange(len(logits), device=prompts.device)  # (R_in,) the rows in the batch
 
         def step(token, alive):  # (R, 1), (A,) -> (R, V): the alive rows' logits, zeros elsewhere
             nonlocal rows, sequences
             if 4 * (len(rows) - len(alive)) >= len(rows):  # a quarter ended: the others go on alone
-                keep = torch.isin(rows, alive)
-                rows, sequences = alive, sequences[keep]
                 if cache:
-                    cache.keys, cache.values = [k[keep] for k in cache.keys], [v[keep] for v in cache.values]
+                    cache.keep(alive)
+                else:
+                    sequences = sequences[torch.isin(rows, alive)]
+                rows = alive
             if self.recompute:
                 sequences = torch.cat([sequences, token[rows]], dim=1)
                 out = model(sequences)[0][:, -1]
@@ -241,12 +281,15 @@ class CUDAGraphs:
         logits, prompt_kv = self.model(prompts)
         rows, prompt_len = prompts.shape[0] * n, prompts.shape[1]
         key = (rows, prompt_len, capacity)
-        if key in self.buffers:
-            self.buffers[key][0].fill(prompt_kv, n)
+        if key in self.buffers:  # the graphs read the prompt's keys and values where the first call left them
+            for buffers, new in zip(self.buffers[key][0].prompt_kv, prompt_kv):
+                buffers[0].copy_(new[0])
+                buffers[1].copy_(new[1])
         else:
             token = torch.zeros(rows, 1, dtype=torch.long, device=prompts.device)
-            self.buffers[key] = maxrl.KVCache(prompt_kv, n, capacity), token, {}  # filled on creation
+            self.buffers[key] = maxrl.KVCache(prompt_kv, n, capacity), token, {}
         cache, token_buffer, graphs = self.buffers[key]
+        cache.length = prompt_len
 
         def step(token, alive):  # (rows, 1) -> (rows, V), valid until the next step; every row computed
             position = cache.length
