@@ -578,8 +578,9 @@ def pass_at_k_figure(curves, factors, reference, out, title=""):
         ax.plot([k_reached, n], [behind[-1]] * 2, ":", color=lines[name].get_color(), lw=2)
         ax.annotate(f"{factor:.2g}x", (k_reached, behind[-1]), textcoords="offset points", xytext=(-4, 4),
                     ha="right", fontsize=8, color=lines[name].get_color())
-    ax.set(xscale="log", xlabel="k (samples per prompt)", ylabel="held-out pass@k",
-           title=title or f"{reference}: samples for the same pass@{n} (dotted)")
+    ticks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    ax.set(xscale="log", xlabel="k (samples per prompt)", ylabel="held-out pass@k", xticks=ticks,
+           xticklabels=[str(k) for k in ticks], title=title or f"{reference}: samples for the same pass@{n} (dotted)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -595,7 +596,8 @@ def pareto_figure(curves, boots, out, title=""):
         ax.errorbar(x, y, xerr=[[x - x_lo], [x_hi - x]], yerr=[[y - y_lo], [y_hi - y]], fmt="ks" if name == "start"
                     else "o", capsize=3, label=name)
     ax.set(xlabel=f"held-out pass@{n}", ylabel="held-out pass@1",
-           title=title or "up and right is better; bars: each one's own 95% interval")
+           title=title or "up and right is better; bars: each one's own 95% interval\n(paired differences, "
+                          "tighter: analysis.json)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -774,7 +776,8 @@ def pool_runs(paths, out=None):
         out.mkdir(parents=True, exist_ok=True)
         pass_at_k_figure(curves, factors, reference, out, title=f"pooled over {len(runs)} runs: {reference}'s "
                          f"samples for the same pass@{n} (dotted)")
-        pareto_figure(curves, boots, out, title=f"pooled over {len(runs)} runs; bars: each one's own 95% interval")
+        pareto_figure(curves, boots, out, title=f"pooled over {len(runs)} runs; bars: each one's own 95% interval\n"
+                      "(paired differences, tighter: printed above)")
         print(f"wrote {out}/pass_at_k.png, pareto.png")
 
 
