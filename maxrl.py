@@ -503,7 +503,8 @@ def shared_start(model, task, args, device, ks, keeper=None):
     """The warm start every method trains from and its held-out metrics (the keeper's: both cached on disk)."""
     started, ks = time.time(), final_ks(args, ks)
     (keeper.warm_start if keeper else warm_start)(model, task, args, device)
-    initial, per_prompt_p, successes, _ = (keeper.evaluate_start if keeper else evaluate)(model, task, ks, args.seed + 1)
+    evaluation = (keeper.evaluate_start if keeper else evaluate)(model, task, ks, seed=args.seed + 1)
+    initial, per_prompt_p, successes, _ = evaluation
     print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}; "
           f"{np.mean(np.array(successes) == 0):.0%} of prompts unsolved in {max(ks)} samples")
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,

@@ -571,7 +571,8 @@ def pass_at_k_figure(curves, factors, reference, out, title=""):
     span from where one curve reaches the other's pass@n to n."""
     fig, ax = new_figure(figsize=(6.5, 4.5))
     n, ks = len(curves[reference]), np.arange(1, len(curves[reference]) + 1)
-    lines = {name: ax.plot(ks, curve, "k--" if name == "start" else "-", label=name)[0] for name, curve in curves.items()}
+    lines = {name: ax.plot(ks, curve, "k--" if name == "start" else "-", label=name)[0]
+             for name, curve in curves.items()}
     for name, (factor, _, _) in factors.items():
         behind = curves[name] if factor >= 1 else curves[reference]  # the curve whose pass@n the other reaches
         k_reached = n / factor if factor >= 1 else n * factor
