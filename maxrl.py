@@ -375,8 +375,8 @@ def eval_ks(N):
 
 
 def final_ks(args, ks):
-    """The ks of the final evaluations (the warm start's and each method's, the ones compared): up to
-    --eval-samples samples per prompt, for a precise pass@1 and pass@k at large k; max(ks) if that is more."""
+    """The ks of the final evaluations (the warm start's and each method's, the ones compared): up to --eval-samples
+    samples per prompt (or the next power of two), for a precise pass@1 and pass@k at large k; max(ks) if more."""
     return eval_ks(max(args.eval_samples, max(ks)))
 
 
@@ -431,7 +431,7 @@ def rl_loss(model, task, problems, method, N, generator, device, expected=False)
     advantages = ESTIMATORS[method](rewards)  # (B, N)
     has_signal = (advantages != 0).any(-1)  # (B,) the groups whose gradient is not zero
     run = has_signal.clone()  # (B,) the groups run through the model: those, or one if none has signal
-    run[0] |= ~has_signal.any()  # (its gradient is zero, but every parameter gets one, which torchrun waits for)
+    run[0] |= ~has_signal.any()  # (a zero gradient, but the loss keeps a graph and every parameter gets one)
     seq_logprob = torch.zeros_like(advantages)  # (B, N); a zero-advantage group adds 0 whatever its log-probs
     seq_logprob[run] = completion_logprobs(model, prompts[run], completions[run], lengths[run])
     loss = policy_gradient_loss(seq_logprob, advantages)
@@ -455,8 +455,11 @@ def log_evaluation(model, task, args, ks, step, log, print_as=None):
     metrics, _, log["successes"], log["failures"] = evaluate(model, task, ks, seed=args.seed + 1)
     window, log["window"] = log["window"], []
     train = {f"train_{key}": float(np.mean([s[key] for s in window])) for key in (window[0] if window else {})}
-    log["curve"].append({"step": step, "rollouts": step * args.batch * args.N, **metrics, **train})
-    if print_as:  # no progress bar (output to a file): a line per evaluation
+    point = {"step": step, "rollouts": step * args.batch * args.N, **metrics, **train}
+    if log["curve"][-1]["step"] == step:  # stopped right after an evaluation: the final one takes its place
+        point = log["curve"].pop() | point
+    log["curve"].append(point)
+    if print_as:
         print(f"{print_as}: step {step}/{args.steps} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
@@ -473,6 +476,7 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
     step = keeper.restore(method, training) if keeper else 0  # the last step done (--resume: the checkpoint's)
     started, label = time.time() - log["wall_s"], f"{method:>5} N={args.N:<4} seed {args.seed}"
     bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=label, disable=RANK > 0 or None)
+    print_as = label if bar.disable and RANK == 0 else None  # no progress bar (output to a file): a line per evaluation
     for step in bar:
         problems = task.sample_train(args.batch, prompt_rng)[RANK::WORLD]  # prompts (this process's share)
         loss, stats = ((supervised_loss(model, task, problems, device), {}) if method == "ml"  # rollouts, rewards,
@@ -484,13 +488,13 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
         optimizer.step()
         log["window"].append(stats)
         if step % args.eval_every == 0 and step < args.steps:  # evaluate, and log
-            log_evaluation(model, task, args, ks, step, log, print_as=bar.disable and RANK == 0 and label)
+            log_evaluation(model, task, args, ks, step, log, print_as)
         bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=log["curve"][-1]["pass@1"])
         log["wall_s"] = time.time() - started
         if keeper and keeper.after_step(method, step, training):  # checkpoint when due; Ctrl-C: stop
             break
     if step > 0:  # the final evaluation, with more samples, of the weights it ended (or stopped) with
-        log_evaluation(model, task, args, final_ks(args, ks), step, log, print_as=bar.disable and RANK == 0 and label)
+        log_evaluation(model, task, args, final_ks(args, ks), step, log, print_as)
     return {"final": log["curve"][-1], "curve": log["curve"], "wall_s": time.time() - started,
             "failures": log["failures"], "per_prompt_successes": log["successes"], "interrupted": step < args.steps}
 

@@ -1304,6 +1304,23 @@ def test_ctrl_c_keeps_results_and_resume_ends_like_an_uninterrupted_run(tmp_path
     assert not final["interrupted"] and without_timing(final) == without_timing(uninterrupted)
 
 
+def test_a_run_stopped_right_after_an_evaluation_logs_that_step_once(tmp_path):
+    """Ctrl-C (here a keeper that asks to stop) at a step that was just evaluated: the final
+    evaluation, with the final ks, takes that point's place in the curve and keeps its training
+    stats; every step appears once. (Appending instead logged the step twice.)"""
+    args = command_line.parse_args([*LONG_TINY, "--eval-samples=16", f"--out={tmp_path}"])
+    model, _, device = maxrl.build_model(args, args.task_obj)
+
+    class StopAtStep10:
+        restore = staticmethod(lambda method, training: 0)
+        after_step = staticmethod(lambda method, step, training: step == 10)  # --eval-every=5: step 10 evaluated
+    initial = maxrl.evaluate(model, args.task_obj, maxrl.eval_ks(16), seed=1)[0]
+    result = maxrl.train_method("maxrl", model, args.task_obj, args, device, initial, maxrl.eval_ks(4), StopAtStep10())
+    steps = [point["step"] for point in result["curve"]]
+    assert steps == [0, 5, 10] and result["interrupted"]
+    assert "pass@16" in result["final"] and "train_reward" in result["final"]
+
+
 def test_a_checkpoint_resumes_whatever_device_it_is_loaded_for(tmp_path):
     """The checkpoint is read onto the CPU: a generator's state must be a CPU ByteTensor even for
     a CUDA generator (Generator.set_state), and the model and optimizer copy theirs to where

@@ -579,7 +579,7 @@ def pass_at_k_figure(curves, factors, reference, out, title=""):
         ax.plot([k_reached, n], [behind[-1]] * 2, ":", color=lines[name].get_color(), lw=2)
         ax.annotate(f"{factor:.2g}x", (k_reached, behind[-1]), textcoords="offset points", xytext=(-4, 4),
                     ha="right", fontsize=8, color=lines[name].get_color())
-    ticks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    ticks = [2**i for i in range(n.bit_length())]
     ax.set(xscale="log", xlabel="k (samples per prompt)", ylabel="held-out pass@k", xticks=ticks,
            xticklabels=[str(k) for k in ticks], title=title or f"{reference}: samples for the same pass@{n} (dotted)")
     ax.grid(alpha=0.3, which="both")

@@ -201,7 +201,7 @@ class RunKeeper:
 
 class CompactingCache(maxrl.KVCache):
     """A KVCache that holds only some of the R rows, `rows` (in order): the others have left the batch.
-    Grouping by prompt puts the rows held back in their places among all R (zeros where rows left), so
+    Grouping by prompt puts the rows still held in their places among all R (zeros where rows left), so
     that each prompt's keys and values stay shared; the rows that left cost only that share."""
 
     def __init__(self, prompt_kv, n, capacity):
@@ -234,9 +234,10 @@ class CompactingDecoder:
         self.model, self.recompute = model, recompute
 
     def __call__(self, prompts, n, capacity):
-        model, sequences = self.model, prompts.repeat_interleave(n, 0)  # (R, Tp)
+        model, sequences, cache = self.model, None, None
         if self.recompute:
-            logits, cache = model(sequences)[0][:, -1], None  # (R, V)
+            sequences = prompts.repeat_interleave(n, 0)  # (R, Tp)
+            logits = model(sequences)[0][:, -1]  # (R, V)
         else:
             prompt_logits, prompt_kv = model(prompts)
             logits, cache = prompt_logits[:, -1].repeat_interleave(n, 0), CompactingCache(prompt_kv, n, capacity)
@@ -245,7 +246,7 @@ class CompactingDecoder:
         def step(token, alive):  # (R, 1), (A,) -> (R, V): the alive rows' logits, zeros elsewhere
             nonlocal rows, sequences
             if 4 * (len(rows) - len(alive)) >= len(rows):  # a quarter ended: the others go on alone
-                if cache:
+                if cache is not None:
                     cache.keep(alive)
                 else:
                     sequences = sequences[torch.isin(rows, alive)]
