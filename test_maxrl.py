@@ -720,6 +720,32 @@ def test_scaling_factors_from_success_counts_cover_the_factor_built_in():
     assert experiments.scaling_factors(*experiments.bootstrap_curves([counts], 256))["same"] == [1.0, 1.0, 1.0]
 
 
+def test_pooling_main_command_runs_prints_and_draws(tmp_path, capsys):
+    """python notebooks/experiments.py [--out=DIR] A/results.json B/results.json: the paired
+    differences, the factors (also anchored at smaller k) and each one's pass@1 and pass@n, pooled;
+    a run pooled with itself gives its own factors (the mean of equal curves) with a narrower
+    interval; the figures with --out; runs with different samples per prompt are refused."""
+    flags = ["--task=nav", "--size=7", "--N=4", *TINY, "--eval-prompts=32", "--eval-samples=64"]
+    for seed in (0, 1):
+        assert run_main(*flags, f"--seed={seed}", f"--out={tmp_path / str(seed)}").returncode == 0
+    paths = [tmp_path / name / "results.json" for name in ("0", "1")]
+    capsys.readouterr()
+    experiments.pool_runs(paths, tmp_path / "pooled")
+    printed = capsys.readouterr().out
+    assert "pooled over 2 runs" in printed and "test-time scaling efficiency of maxrl at k = 64" in printed
+    assert "k = 16" in printed and "k = 32" in printed and "pass@64, each with its own 95% interval" in printed
+    assert (tmp_path / "pooled" / "pass_at_k.png").stat().st_size > 0 and (tmp_path / "pooled" / "pareto.png").exists()
+    rng = np.random.default_rng(0)  # a run with a spread of pass rates (the tiny runs above solve almost nothing)
+    p_other = rng.uniform(0.0005, 0.05, 200)
+    one = [{"maxrl": rng.binomial(64, 1 - (1 - p_other) ** 3), "other": rng.binomial(64, p_other)}]
+    alone, twice = (experiments.scaling_factors(*experiments.bootstrap_curves(runs, 64)) for runs in (one, one * 2))
+    assert twice["other"][0] == pytest.approx(alone["other"][0], rel=1e-12)
+    assert twice["other"][2] - twice["other"][1] < 0.85 * (alone["other"][2] - alone["other"][1])  # about 1/sqrt(2)
+    assert run_main(*flags, "--eval-samples=32", f"--out={tmp_path / '32'}").returncode == 0
+    with pytest.raises(SystemExit, match="different samples per prompt"):
+        experiments.pool_runs([paths[0], tmp_path / "32" / "results.json"])
+
+
 def test_mazes_with_a_maximum_path_length_spread_evenly():
     task = Navigation(size=9, n_test=240, max_moves=6)
     lengths = Counter(task.path_length(problem) for problem in task.test_problems)

@@ -532,12 +532,13 @@ def bootstrap_curves(runs, n, resamples=1000, seed=0):
     return {name: np.mean(c, 0) for name, c in curves.items()}, {name: np.mean(b, 0) for name, b in boots.items()}
 
 
-def scaling_factors(curves, boots, reference="maxrl"):
+def scaling_factors(curves, boots, reference="maxrl", at=None):
     """{name: [factor, low, high]}: scaling_factor of reference against each other name (curves and
-    boots from bootstrap_curves), and its 95% bootstrap interval (paired: the same prompts resampled)."""
-    return {name: [scaling_factor(curves[reference], curves[name]), *np.percentile(
-        [scaling_factor(ours, theirs) for ours, theirs in zip(boots[reference], boots[name])], [2.5, 97.5]).tolist()]
-        for name in curves if name != reference}
+    boots from bootstrap_curves), anchored at k = at (default: the largest k), and its 95% bootstrap
+    interval (paired: the same prompts resampled)."""
+    return {name: [scaling_factor(curves[reference][:at], curves[name][:at]), *np.percentile(
+        [scaling_factor(ours[:at], theirs[:at]) for ours, theirs in zip(boots[reference], boots[name])],
+        [2.5, 97.5]).tolist()] for name in curves if name != reference}
 
 
 def with_intervals(curves, boots, k):
@@ -770,6 +771,10 @@ def pool_runs(paths, out=None):
     curves, boots = bootstrap_curves(pooled, n)
     factors = scaling_factors(curves, boots, reference)
     print_scaling_factors(factors, reference, n)
+    print("\nthe same, anchored at smaller k (the paper reads its factors at k up to 512-4096):")
+    for k in [2**i for i in range(4, n.bit_length() - 1)]:
+        print(f"{'k = ' + str(k):>13} " + "  ".join(f"{name} {factor:.2f}x [{low:.2f}, {high:.2f}]" for name, (
+            factor, low, high) in scaling_factors(curves, boots, reference, at=k).items()))
     for k in (1, n):
         print(f"\npass@{k}, each with its own 95% interval: " + ", ".join(
             f"{name} {v:.3f} [{lo:.3f}, {hi:.3f}]" for name, (v, lo, hi) in with_intervals(curves, boots, k).items()))
