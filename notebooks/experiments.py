@@ -11,10 +11,12 @@ transformer: what maxrl.py's lesson does not need. Run them from the project roo
     python maxrl.py --experiment=scaling          -log pass@k against N on mazes
     python maxrl.py --bench [--profile]           the cached, shared-prefix paths against naive ones
 Each writes JSON and a PNG to --out (bench prints). The tests and notebook 02 import the checks.
-After the main command on mazes, report_by_path_length prints pass@k by the mazes' shortest-path
-length; python notebooks/experiments.py DIR1/results.json DIR2/results.json ... pools the main
-command's paired comparison (maxrl.paired_differences) over runs, and prints maxrl's test-time
-scaling efficiency against each method (scaling_factors) at the largest k the runs sampled.
+After the main command, report_test_time_scaling prints maxrl's test-time scaling efficiency
+against each method (scaling_factors) and draws curves.png, pass_at_k.png and pareto.png, and on
+mazes report_by_path_length prints pass@k by shortest-path length. python notebooks/experiments.py
+[--out=DIR] DIR1/results.json DIR2/results.json ... pools runs (pool_runs): the paired comparison
+(maxrl.paired_differences), the factors at the largest k and at smaller ones, each one's pass@1
+and pass@n with intervals; with --out, the pooled figures.
 """
 
 import argparse
