@@ -1412,6 +1412,9 @@ def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
     other, _ = run("other", "--sft-steps=4")
     assert "loaded from" not in other
     assert len(list((tmp_path / "cache").iterdir())) == 4
+    fewer, fewer_json = run("fewer", "--eval-samples=64")  # the same weights, another evaluation
+    assert "loaded from" in fewer and len(list((tmp_path / "cache").iterdir())) == 5
+    assert json.loads(fewer_json.read_text())["samples_per_prompt"] == 64
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(tmp_path):
