@@ -39,7 +39,7 @@ def keep_freed_memory():
     """Linux (glibc): keep freed memory in the process for reuse. By default glibc gives blocks over
     128 KB back to the system when freed, and the system zeroes every page of the next such block
     again: decoding's per-step tensors made half of a run's CPU time kernel time (the main command,
-    cached, 56 s -> 36 s wall on a 2-core EPYC with this, the same results). Blocks up to 32 MB now
+    cached, 56 s -> 35 s wall on a 2-core EPYC with this, the same results). Blocks up to 32 MB now
     come from the heap, which is never trimmed; the peak memory is unchanged."""
     try:
         libc = ctypes.CDLL("libc.so.6")
