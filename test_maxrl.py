@@ -724,7 +724,7 @@ def test_pooling_main_command_runs_prints_and_draws(tmp_path, capsys):
     """python notebooks/experiments.py [--out=DIR] A/results.json B/results.json: the paired
     differences, the factors (also anchored at smaller k) and each one's pass@1 and pass@n, pooled;
     a run pooled with itself gives its own factors (the mean of equal curves) with a narrower
-    interval; the figures with --out; runs with different samples per prompt are refused."""
+    interval; the figures in --out; runs with different samples per prompt are refused."""
     flags = ["--task=nav", "--size=7", "--N=4", *TINY, "--eval-prompts=32", "--eval-samples=64"]
     for seed in (0, 1):
         assert run_main(*flags, f"--seed={seed}", f"--out={tmp_path / str(seed)}").returncode == 0
@@ -743,7 +743,7 @@ def test_pooling_main_command_runs_prints_and_draws(tmp_path, capsys):
     assert twice["other"][2] - twice["other"][1] < 0.85 * (alone["other"][2] - alone["other"][1])  # about 1/sqrt(2)
     assert run_main(*flags, "--eval-samples=32", f"--out={tmp_path / '32'}").returncode == 0
     with pytest.raises(SystemExit, match="different samples per prompt"):
-        experiments.pool_runs([paths[0], tmp_path / "32" / "results.json"])
+        experiments.pool_runs([paths[0], tmp_path / "32" / "results.json"], tmp_path / "refused")
 
 
 def test_mazes_with_a_maximum_path_length_spread_evenly():

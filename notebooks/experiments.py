@@ -16,7 +16,7 @@ against each method (scaling_factors) and draws curves.png, pass_at_k.png and pa
 mazes report_by_path_length prints pass@k by shortest-path length. python notebooks/experiments.py
 [--out=DIR] DIR1/results.json DIR2/results.json ... pools runs (pool_runs): the paired comparison
 (maxrl.paired_differences), the factors at the largest k and at smaller ones, each one's pass@1
-and pass@n with intervals; with --out, the pooled figures.
+and pass@n with intervals; the pooled figures go to --out (default runs/pooled).
 """
 
 import argparse
@@ -569,7 +569,7 @@ def curves_figure(summary, out):
     fig.savefig(out / "curves.png", dpi=120)
 
 
-def pass_at_k_figure(curves, factors, reference, out, title=""):
+def pass_at_k_figure(curves, factors, reference, out, pooled=""):
     """pass_at_k.png: pass@k against log k at the end, as the paper's figure; each factor drawn as the
     span from where one curve reaches the other's pass@n to n."""
     fig, ax = new_figure(figsize=(6.5, 4.5))
@@ -584,14 +584,14 @@ def pass_at_k_figure(curves, factors, reference, out, title=""):
                     ha="right", fontsize=8, color=lines[name].get_color())
     ticks = [2**i for i in range(n.bit_length())]
     ax.set(xscale="log", xlabel="k (samples per prompt)", ylabel="held-out pass@k", xticks=ticks,
-           xticklabels=[str(k) for k in ticks], title=title or f"{reference}: samples for the same pass@{n} (dotted)")
+           xticklabels=[str(k) for k in ticks], title=f"{pooled}{reference}'s samples for the same pass@{n} (dotted)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pass_at_k.png", dpi=120)
 
 
-def pareto_figure(curves, boots, out, title=""):
+def pareto_figure(curves, boots, out, pooled=""):
     """pareto.png: pass@1 against pass@n per name, each with its own 95% bootstrap interval."""
     n, fig, ax = len(next(iter(curves.values()))), *new_figure(figsize=(5.5, 4.5))
     low, high = with_intervals(curves, boots, 1), with_intervals(curves, boots, n)
@@ -599,29 +599,37 @@ def pareto_figure(curves, boots, out, title=""):
         (y, y_lo, y_hi), (x, x_lo, x_hi) = low[name], high[name]
         ax.errorbar(x, y, xerr=[[x - x_lo], [x_hi - x]], yerr=[[y - y_lo], [y_hi - y]], fmt="ks" if name == "start"
                     else "o", capsize=3, label=name)
-    ax.set(xlabel=f"held-out pass@{n}", ylabel="held-out pass@1",
-           title=title or "up and right is better; bars: each one's own 95% interval\n(paired differences, "
-                          "tighter: analysis.json)")
+    ax.set(xlabel=f"held-out pass@{n}", ylabel="held-out pass@1")
+    ax.set_title(f"{pooled}up and right is better\nbars: each one's own 95% interval (paired differences: tighter)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
 
 
+def test_time_scaling(runs, reference, n, out, pooled=""):
+    """The factors of reference against each name over runs (one or several), printed and drawn in
+    out/pass_at_k.png beside out/pareto.png. Returns the curves, their bootstrap copies and the factors."""
+    curves, boots = bootstrap_curves(runs, n)
+    factors = scaling_factors(curves, boots, reference)
+    print_scaling_factors(factors, reference, n)
+    out.mkdir(parents=True, exist_ok=True)
+    pass_at_k_figure(curves, factors, reference, out, pooled)
+    pareto_figure(curves, boots, out, pooled)
+    return curves, boots, factors
+
+
 def report_test_time_scaling(summary, args):
     """After the main command: maxrl's test-time scaling efficiency against each (printed, and added to
     --out/analysis.json with pass@1 and pass@n intervals); curves.png, pass_at_k.png, pareto.png."""
     successes, reference, n = run_successes(summary)
-    curves, boots = bootstrap_curves([successes], n)
-    factors = scaling_factors(curves, boots, reference)
-    print_scaling_factors(factors, reference, n)
+    curves, boots, factors = test_time_scaling([successes], reference, n, args.out)
     analysis = json.loads((args.out / "analysis.json").read_text())
     analysis |= {"scaling_factors": factors, "pass@1": with_intervals(curves, boots, 1),
                  f"pass@{n}": with_intervals(curves, boots, n)}
     (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
     curves_figure(summary, args.out)
-    pass_at_k_figure(curves, factors, reference, args.out)
-    pareto_figure(curves, boots, args.out)
     print(f"wrote {args.out}/curves.png, pass_at_k.png, pareto.png")
 
 
@@ -758,9 +766,9 @@ EXPERIMENTS = {"weights": weights_experiment, "gradnorm": gradnorm_experiment, "
                "order": order_experiment, "scaling": scaling_experiment, "bench": benchmark}
 
 
-def pool_runs(paths, out=None):
+def pool_runs(paths, out):
     """Pool main-command runs (results.json of the same flags, other seeds): print the paired comparison and
-    the scaling factors pooled over them, each name's pass@1 and pass@n with intervals; with out, the figures."""
+    the scaling factors pooled over them, each name's pass@1 and pass@n with intervals; out: the figures."""
     summaries = [json.loads(Path(path).read_text()) for path in paths]
     runs = [run_successes(summary) for summary in summaries]
     (_, reference, n), ns = runs[0], {n for _, _, n in runs}
@@ -770,9 +778,7 @@ def pool_runs(paths, out=None):
     table = maxrl.paired_differences(pooled, n, sorted({1, max(maxrl.eval_ks(N)), n}), reference)
     maxrl.print_paired(table, reference, f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
                        "resamples prompts within each run)")
-    curves, boots = bootstrap_curves(pooled, n)
-    factors = scaling_factors(curves, boots, reference)
-    print_scaling_factors(factors, reference, n)
+    curves, boots, _ = test_time_scaling(pooled, reference, n, out, pooled=f"pooled over {len(runs)} runs: ")
     print("\nthe same, anchored at smaller k (the paper reads its factors at k up to 512-4096):")
     for k in [2**i for i in range(4, n.bit_length() - 1)]:
         print(f"{'k = ' + str(k):>13} " + "  ".join(f"{name} {factor:.2f}x [{low:.2f}, {high:.2f}]" for name, (
@@ -780,18 +786,12 @@ def pool_runs(paths, out=None):
     for k in (1, n):
         print(f"\npass@{k}, each with its own 95% interval: " + ", ".join(
             f"{name} {v:.3f} [{lo:.3f}, {hi:.3f}]" for name, (v, lo, hi) in with_intervals(curves, boots, k).items()))
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        pass_at_k_figure(curves, factors, reference, out, title=f"pooled over {len(runs)} runs: {reference}'s "
-                         f"samples for the same pass@{n} (dotted)")
-        pareto_figure(curves, boots, out, title=f"pooled over {len(runs)} runs; bars: each one's own 95% interval\n"
-                      "(paired differences, tighter: printed above)")
-        print(f"wrote {out}/pass_at_k.png, pareto.png")
+    print(f"\nwrote {out}/pass_at_k.png, pareto.png")
 
 
 if __name__ == "__main__":  # python notebooks/experiments.py [--out DIR] runs/nav-N16-seed*/results.json
     parser = argparse.ArgumentParser(description="Pool main-command runs: paired differences, scaling factors.")
     parser.add_argument("results", nargs="+", help="results.json files of runs with the same flags")
-    parser.add_argument("--out", type=Path, help="write the pooled pass_at_k.png and pareto.png here")
+    parser.add_argument("--out", type=Path, default=Path("runs/pooled"), help="where the pooled figures go")
     pooling = parser.parse_args()
     pool_runs(pooling.results, pooling.out)
