@@ -381,16 +381,16 @@ def final_ks(args, ks):
 
 
 @torch.no_grad()
-def evaluate(model, task, ks, seed, rows=1024, n_failures=3):
-    """Held-out metrics: pass@k exact, 1 - (1-p)^k with p by teacher forcing, where answers are unique
-    (arith), else unbiased from n = max(ks) samples; coverage, the share of prompts with a success among
-    the n. Returns the metrics, p and the success count of each prompt (in order), a few failures.
-    Prompts are sampled a few at a time, about `rows` completions at once (memory)."""
-    n, device = max(ks), model.embed.weight.device
+def evaluate(model, task, ks, seed, n_prompts=None, rows=1024, n_failures=3):
+    """Held-out metrics on the first n_prompts held-out prompts (default all): pass@k exact, 1 - (1-p)^k with
+    p by teacher forcing, where answers are unique (arith), else unbiased from n = max(ks) samples; coverage,
+    the share of prompts with a success among the n. Returns the metrics, p and the success count of each
+    prompt (in order), a few failures. Prompts are sampled a few at a time, about `rows` completions at once."""
+    n, device, test_problems = max(ks), model.embed.weight.device, task.test_problems[:n_prompts]
     generator, batch = torch.Generator(device).manual_seed(seed), max(1, rows // n)
     successes, exact_p, failures = [], [], []
-    for start in range(0, len(task.test_problems), batch):
-        problems = task.test_problems[start:start + batch]
+    for start in range(0, len(test_problems), batch):
+        problems = test_problems[start:start + batch]
         prompts = prompt_tensor(task, problems, device)
         completions, lengths = sample_completions(model, prompts, n, task.max_completion_len, task.stop_id,
                                                   generator, task.reward_tracker(problems, n, device))
@@ -450,9 +450,9 @@ def warm_start(model, task, args, device):
         optimizer.step()
 
 
-def log_evaluation(model, task, args, ks, step, log, print_as=None):
+def log_evaluation(model, task, args, ks, step, log, print_as=None, n_prompts=None):
     """A point of the curve: held-out metrics at this step, and the training stats since the last point."""
-    metrics, _, log["successes"], log["failures"] = evaluate(model, task, ks, seed=args.seed + 1)
+    metrics, _, log["successes"], log["failures"] = evaluate(model, task, ks, args.seed + 1, n_prompts)
     window, log["window"] = log["window"], []
     train = {f"train_{key}": float(np.mean([s[key] for s in window])) for key in (window[0] if window else {})}
     point = {"step": step, "rollouts": step * args.batch * args.N, **metrics, **train}
@@ -487,8 +487,9 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
         stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # not clipped
         optimizer.step()
         log["window"].append(stats)
-        if step % args.eval_every == 0 and step < args.steps:  # evaluate, and log
-            log_evaluation(model, task, args, ks, step, log, print_as)
+        if step % args.eval_every == 0 and step < args.steps:  # evaluate (--curve-prompts: fewer, more samples)
+            log_evaluation(model, task, args, final_ks(args, ks) if args.curve_prompts else ks, step, log,
+                           print_as, args.curve_prompts or None)
         bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=log["curve"][-1]["pass@1"])
         log["wall_s"] = time.time() - started
         if keeper and keeper.after_step(method, step, training):  # checkpoint when due; Ctrl-C: stop

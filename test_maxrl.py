@@ -308,6 +308,19 @@ def test_mazes_are_solvable_and_bfs_paths_pass():
             assert len(task.reference_completion(problem)) <= task.max_completion_len
 
 
+def test_mazes_by_default_run_corner_to_corner_as_the_paper_s():
+    """max_moves = 0: start (1, 1), goal (size-2, size-2) in every maze, so every shortest route is
+    at least 2 (size - 3) moves, and a route with a detour is longer by a multiple of 4; the grids
+    still differ, and held-out grids never come up in training."""
+    for size in (7, 9, 11):
+        task = Navigation(size=size, n_test=16)
+        problems = task.test_problems + task.sample_train(30, random.Random(size))
+        assert {(start, goal) for _, start, goal in problems} == {((1, 1), (size - 2, size - 2))}
+        lengths = [task.path_length(problem) for problem in problems]
+        assert min(lengths) >= 2 * (size - 3) and all((n - 2 * (size - 3)) % 4 == 0 for n in lengths)
+        assert len({grid for grid, _, _ in problems}) > 30 and all(task.reward(p, task.reference_completion(p)) for p in problems)
+
+
 def test_loops_make_several_shortest_paths_possible():
     rng = random.Random(0)
     perfect = prim_maze(9, rng)
@@ -421,6 +434,39 @@ def test_every_decoder_draws_the_same_completions_and_keeps_the_tracker_contract
         for check in checks:
             assert check.seen == [c[:m] for c, m in zip(completions, lengths.tolist())] and not check.alive
         assert (lengths < plain[1].view(-1)).any()  # some walks were decided before their end
+
+
+def test_reference_route_measures_the_reference_completions_by_teacher_forcing():
+    """plumbing.reference_route: its mean route probability is the lesson's reference_logprob, exponentiated
+    and averaged; its token accuracy counts the reference tokens that are the argmax of the next-token
+    logits, as a step-by-step decode with the KV cache finds them (a shifted slice of logits fails both)."""
+    task = Navigation(size=7, n_test=6)
+    model = attentive_model(task, torch.device("cpu"), scale=3).double()
+    route = plumbing.reference_route(model, task, batch=4)  # two batches, the second one short
+    prompts = maxrl.prompt_tensor(task, task.test_problems, "cpu")
+    with torch.no_grad():
+        p = maxrl.reference_logprob(model, task, task.test_problems, prompts).exp()
+    assert route["route_prob"] == pytest.approx(p.mean().item(), rel=1e-9)
+    ranked_first = tokens = 0
+    for problem in task.test_problems:
+        reference = task.reference_completion(problem)
+        prompt = maxrl.prompt_tensor(task, [problem], "cpu")
+        with torch.no_grad():
+            for t, token in enumerate(reference):
+                logits, _ = model(torch.cat([prompt, torch.tensor([reference[:t]], dtype=torch.long)], 1))
+                ranked_first += int(logits[0, -1].argmax() == token)
+                tokens += 1
+    assert route["route_token_accuracy"] == ranked_first / tokens and 0 < ranked_first < tokens
+
+
+def test_evaluation_on_the_first_prompts_only():
+    """evaluate(..., n_prompts=M): the metrics and success counts of the first M held-out prompts (the
+    evaluations during training, --curve-prompts)."""
+    task = Navigation(size=7, n_test=8)
+    model = tiny_model(task)
+    _, p, successes, _ = maxrl.evaluate(model, task, [1, 4], seed=0, n_prompts=3)
+    assert len(p) == len(successes) == 3
+    assert len(maxrl.evaluate(model, task, [1, 4], seed=0)[2]) == 8
 
 
 def first_decided(task, problem, completion):
@@ -789,13 +835,14 @@ TINY = ["--steps=2", "--sft-steps=2", "--eval-prompts=8", "--eval-every=1", "--b
         "--n-layer=1", "--n-embd=16", "--n-head=2"]
 
 
-@pytest.mark.parametrize("task_flags, samples", [(["--task=nav", "--size=7", "--N=4"], 256),
-                                                 (["--task=arith", "--methods=ml,maxrl,rloo", "--N=2",
-                                                   "--eval-samples=5"], 8)])
-def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags, samples):
+@pytest.mark.parametrize("task_flags, samples, curve_samples", [
+    (["--task=nav", "--size=7", "--N=4"], 256, 256),
+    (["--task=arith", "--methods=ml,maxrl,rloo", "--N=2", "--eval-samples=5"], 8, 2)])
+def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags, samples, curve_samples):
     """The main command at a tiny size: its files, and the final evaluations (the warm start's and
     each method's) with --eval-samples per prompt (rounded up to a power of two), those during
-    training with N."""
+    training with as many on mazes (--curve-prompts, 64 of 8 held out: all) and N on arith
+    (--curve-prompts=0 there); the warm start's teacher-forced reference completions; on mazes walks.png."""
     result = run_main(*task_flags, *TINY, f"--out={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "coverage" in result.stdout
@@ -804,15 +851,17 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags, samples):
     summary = json.loads((tmp_path / "results.json").read_text())
     assert {"task", "N", "seed", "config", "methods"} <= summary.keys()
     final_metrics = {f"pass@{k}" for k in maxrl.eval_ks(samples)} | {"coverage"}
-    assert summary["samples_per_prompt"] == samples and summary["initial"].keys() == final_metrics
+    route = {"route_token_accuracy", "route_prob"}  # the warm start's, teacher-forced on the reference completions
+    assert summary["samples_per_prompt"] == samples and summary["initial"].keys() == final_metrics | route
+    assert all(0 <= summary["initial"][key] <= 1 for key in route)
     for name, method in summary["methods"].items():
         assert {"final", "curve", "wall_s"} <= method.keys()
         assert final_metrics <= method["final"].keys() and f"pass@{2 * samples}" not in method["final"]
         assert [c["step"] for c in method["curve"]] == [0, 1, 2]
         assert {"step", "rollouts", "pass@1"} <= method["curve"][-1].keys()
-        training_metrics = {f"pass@{k}" for k in maxrl.eval_ks(summary["N"])} | {"coverage"}
-        assert training_metrics <= method["curve"][1].keys() and f"pass@{samples}" not in method["curve"][1]
-    for figure in ("curves", "pass_at_k", "pareto"):
+        training_metrics = {f"pass@{k}" for k in maxrl.eval_ks(curve_samples)} | {"coverage"}
+        assert training_metrics <= method["curve"][1].keys() and f"pass@{2 * curve_samples}" not in method["curve"][1]
+    for figure in ("curves", "pass_at_k", "pareto") + (("walks",) if summary["task"] == "nav" else ()):
         assert (tmp_path / f"{figure}.png").stat().st_size > 0
     for successes in [summary["initial_per_prompt_successes"]] + [m["per_prompt_successes"]
                                                                    for m in summary["methods"].values()]:
@@ -884,7 +933,7 @@ def test_experiment_defaults_yield_to_explicit_flags(tmp_path):
     assert parse("--experiment=scaling", "--paper-size").size == 17
     assert parse("--experiment=scaling", "--paper-size", "--size=9").size == 9
     assert parse().sft_steps == 500 and parse("--task=arith").sft_steps == 400
-    assert parse().max_moves == 6 and parse("--task=arith").sft_lr == 1e-3 and parse("--task=arith").eval_prompts == 128
+    assert parse().max_moves == 0 and parse("--task=arith").sft_lr == 1e-3 and parse("--task=arith").eval_prompts == 128
 
 
 def test_bench_prints_the_two_speedups_and_profiles():

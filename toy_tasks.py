@@ -174,11 +174,12 @@ class Navigation(Task):
     """Shortest-path-style navigation in mazes made by randomized Prim's algorithm.
 
     A maze is a size x size grid (size odd); cells sit at odd coordinates, the border is wall.
-    Each maze gets a random start and goal (distinct open squares), so the distance to walk,
-    and with it the difficulty, varies across prompts; with max_moves = D the goal is drawn at a
-    shortest-path distance uniform in 1..D from the start instead, so difficulties spread
-    evenly. `loops` knocks out that fraction of the remaining inner walls, so several distinct
-    shortest paths can exist.
+    By default (max_moves = 0) the start and the goal sit at opposite corners, (1, 1) and
+    (size-2, size-2), as in the paper: every walk is long (at least 2 (size - 3) moves), so a
+    model that reads the maze move by move still fails often by compounding small errors. With
+    max_moves = D > 0 the start is random and the goal at a shortest-path distance uniform in
+    1..D from it (short walks: the early phase). `loops` knocks out that fraction of the
+    remaining inner walls, so several distinct shortest paths can exist.
 
     Encoding (one token per square, word-level as in the paper), the border left out: it is
     wall in every maze, so it says nothing and would only lengthen the prompt (94 tokens at
@@ -218,10 +219,9 @@ class Navigation(Task):
 
     def random_problem(self, rng):
         grid = prim_maze(self.size, rng, self.loops)
+        if not self.max_moves:  # opposite corners: always cells, so always open
+            return (grid, (1, 1), (self.size - 2, self.size - 2))
         open_squares = [(r, c) for r in range(self.size) for c in range(self.size) if grid[r][c]]
-        if not self.max_moves:
-            start, goal = rng.sample(open_squares, 2)
-            return (grid, start, goal)
         moves = rng.randint(1, self.max_moves)  # the shortest path's length, uniform in 1..max_moves
         for _ in open_squares:  # a start with a square that far (almost always the first)
             start = rng.choice(open_squares)

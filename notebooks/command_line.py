@@ -25,13 +25,13 @@ EXPERIMENTS = ("compare", "weights", "gradnorm", "gradcos", "variance", "interpo
 EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "variance", "interpolation", "order")  # need arith
 SWEEPS = ("interpolation", "order", "scaling")  # train runs over --Ns
 TASK_DEFAULTS = {"arith": {"sft_steps": 400, "sft_batch": 64, "sft_lr": 1e-3, "steps": 100, "lr": 1e-4,
-                           "eval_prompts": 128, "eval_every": 10}}  # where not nav's
+                           "eval_prompts": 128, "eval_every": 10, "curve_prompts": 0}}  # where not nav's
 EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's; explicit flags win
     "interpolation": {"sft_steps": 30, "steps": 250, "lr": 3e-4, "eval_every": 50, "Ns": "4,16,64",
-                      "Ts": "1,3,15,63,255,1023", "eval_samples": 0},
+                      "Ts": "1,3,15,63,255,1023", "eval_samples": 0, "curve_prompts": 0},
     "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256,
-              "eval_samples": 0},
-    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000, "eval_samples": 0},
+              "eval_samples": 0, "curve_prompts": 0},
+    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000, "eval_samples": 0, "curve_prompts": 0},
 }
 SINGLE_TOKEN_INTERPOLATION = {"sft_steps": 0, "steps": 500, "lr": 1e-3, "Ns": "4,16,64,256,1024",
                               "Ts": "1,3,15,63,255,1023"}  # from p = 1/216, the paper's classification study
@@ -92,9 +92,10 @@ def build_parser():
     group.add_argument("--train-pool", type=NATURAL, default=0,
                        help="train on a fixed pool of this many prompts, sampled with replacement (the "
                             "paper's data-scarce regime); 0 = a fresh prompt every draw (infinite data)")
-    group.add_argument("--max-moves", type=NATURAL, default=6,
-                       help="nav: the goal at a shortest-path distance uniform in 1..MAX_MOVES, so pass "
-                            "rates spread from easy to hard mazes (0 = any open square)")
+    group.add_argument("--max-moves", type=NATURAL, default=0,
+                       help="nav: 0 = start and goal at opposite corners, every walk long (the paper's mazes); "
+                            "D > 0 = a random start and the goal 1..D moves away, uniformly (short walks: "
+                            "--max-moves=6 is the early phase)")
     group.add_argument("--loops", type=float, default=0.0,
                        help="nav: fraction of inner walls knocked out, for several shortest paths")
     group.add_argument("--digits", type=int, default=2, help="arith: longest operand, in digits")
@@ -113,7 +114,7 @@ def add_training_flags(group):
     group.add_argument("--N", type=POSITIVE, default=16, help="rollouts per prompt (group size)")
     group.add_argument("--steps", type=NATURAL, default=150, help="RL steps per method")
     group.add_argument("--batch", type=POSITIVE, default=16, help="prompts per RL step")
-    group.add_argument("--lr", type=RATE, default=1e-4, help="RL learning rate")
+    group.add_argument("--lr", type=RATE, default=2e-4, help="RL learning rate")
     group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                        help="RL optimizer: AdamW, or SGD with momentum 0.9 (the paper's classification study; "
                             "no schedule here); the warm start always uses AdamW")
@@ -145,9 +146,13 @@ def add_model_output_and_sweep_flags(parser):
     group = parser.add_argument_group("evaluation and output")
     group.add_argument("--eval-prompts", type=POSITIVE, default=256, help="held-out prompts")
     group.add_argument("--eval-every", type=POSITIVE, default=50, help="evaluate every this many steps")
+    group.add_argument("--curve-prompts", type=NATURAL, default=64,
+                       help="the evaluations during training: the first this many held-out prompts, each with as "
+                            "many samples as the final evaluations (pass@1 and pass@256 along the curve); "
+                            "0 = every held-out prompt, N samples each")
     group.add_argument("--eval-samples", type=NATURAL, default=256,
                        help="samples per held-out prompt in the final evaluations (the warm start's, each method's; "
-                            "a power of two, or the next one up); the evaluations during training draw N")
+                            "a power of two, or the next one up)")
     group.add_argument("--out", help="output folder (default runs/<task>-N<N>, or runs/<experiment>)")
     group.add_argument("--overwrite", action="store_true", help="write into an --out that holds a run")
     group.add_argument("--resume", action="store_true",
@@ -285,13 +290,18 @@ def parse_args(argv=None):
 def run(args):
     """The main command, or the experiment the flags name."""
     if args.experiment == "compare":
-        _, summary = maxrl.compare_methods(args, args.task_obj, plumbing.RunKeeper(args, checkpoints=True))
+        keeper = plumbing.RunKeeper(args, checkpoints=True)
+        model, summary = maxrl.compare_methods(args, args.task_obj, keeper)
         if summary and not summary["interrupted"]:
             (args.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete
         if summary:
             experiments.report_test_time_scaling(summary, args)
         if summary and hasattr(args.task_obj, "path_length"):
             experiments.report_by_path_length(summary, args)
+        if summary and hasattr(args.task_obj, "path_length") and keeper.run:  # keeper.run: the warm start
+            weights = {"start": keeper.run["start"]["weights"]} | keeper.final_weights  # this process's methods
+            experiments.walks_figure(model, weights, args.task_obj, summary, args.out)
+            print(f"wrote {args.out}/walks.png")
     else:
         experiments.EXPERIMENTS[args.experiment](args)
 

@@ -36,6 +36,7 @@ if __name__ == "__main__":  # run as a script (pooling results): maxrl.py is one
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maxrl  # noqa: E402
 import plumbing  # noqa: E402
+import toy_tasks  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Checking the estimators on the real model (the tests and --experiment=weights use this).
@@ -556,15 +557,22 @@ def print_scaling_factors(factors, reference, n):
         print(f"{name:>13} {factor:.2f}x [{low:.2f}, {high:.2f}]")
 
 
-def curves_figure(summary, out):
-    """curves.png: held-out pass@1 and pass@(the training evaluations' largest k) against rollouts."""
+def curves_figure(summaries, out, pooled=""):
+    """curves.png: held-out pass@1 and pass@(the largest k every evaluation has) against rollouts, each method's
+    mean over runs (summaries: one or several results.json of the same flags) as a line, min..max as a band;
+    the warm start's as a dashed line."""
+    points = [point for summary in summaries for r in summary["methods"].values() for point in r["curve"]]
+    largest = max(int(key[5:]) for key in set.intersection(*[set(point) for point in points]) if key.startswith("pass@"))
     fig, axes = new_figure(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ["pass@1", f"pass@{max(maxrl.eval_ks(summary['N']))}"]):
-        for method, r in summary["methods"].items():
-            ax.plot([c["rollouts"] for c in r["curve"]], [c[metric] for c in r["curve"]], marker=".", label=method)
+    for ax, metric in zip(axes, ["pass@1", f"pass@{largest}"]):
+        ax.axhline(np.mean([summary["initial"][metric] for summary in summaries]), color="k", ls="--", label="start")
+        for method, r in summaries[0]["methods"].items():
+            band(ax, [c["rollouts"] for c in r["curve"]],
+                 [[c[metric] for c in summary["methods"][method]["curve"]] for summary in summaries], marker=".", label=method)
         ax.set(xlabel="rollouts consumed (steps x prompts x N)", ylabel=f"held-out {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle(f"{pooled}mean over runs, band: min..max" if len(summaries) > 1 else "", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
 
@@ -629,13 +637,13 @@ def report_test_time_scaling(summary, args):
     analysis |= {"scaling_factors": factors, "pass@1": with_intervals(curves, boots, 1),
                  f"pass@{n}": with_intervals(curves, boots, n)}
     (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
-    curves_figure(summary, args.out)
+    curves_figure([summary], args.out)
     print(f"wrote {args.out}/curves.png, pass_at_k.png, pareto.png")
 
 
 def length_bins(lengths):
     """{label: mask} for the bins of shortest-path length (moves) that hold mazes."""
-    lengths, edges = np.asarray(lengths), [1, 3, 5, 7, 10, 14, 10**9]
+    lengths, edges = np.asarray(lengths), [1, 3, 5, 7, 10, 14, 18, 10**9]
     bins = {f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+": (lengths >= lo) & (lengths < hi)
             for lo, hi in zip(edges, edges[1:])}
     return {label: mask for label, mask in bins.items() if mask.any()}
@@ -672,10 +680,60 @@ def report_by_path_length(summary, args):
           + ", ".join(f"{label} {int(mask.sum())}" for label, mask in length_bins(lengths).items()) + ")")
     for name, row in analysis["by_path_length"].items():
         print(f"{name:>13} " + " ".join(f"{label:>6} {value:.3f}" for label, value in row.items()))
+    initial = summary["initial"]
+    if "route_token_accuracy" in initial:  # reading the maze, move by move, against walking it whole
+        print(f"\nwarm start, teacher-forced on each held-out maze's shortest route: "
+              f"{initial['route_token_accuracy']:.1%} of its moves ranked first, "
+              f"the whole route's probability {initial['route_prob']:.3f} on average (pass@1 {initial['pass@1']:.3f})")
     print(f"\nwarm start: held-out mazes by successes out of {n}, by path length")
     for row, classes in analysis["start_pass_rate_histogram"].items():
         print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
     (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+
+
+def walk_squares(start, moves):
+    """The squares a walk visits, (row, col) from the start, for the move names in `moves` (DONE ends it)."""
+    squares = [start]
+    for move in moves:
+        if move not in toy_tasks.MOVES:
+            break
+        squares.append((squares[-1][0] + toy_tasks.MOVES[move][0], squares[-1][1] + toy_tasks.MOVES[move][1]))
+    return squares
+
+
+@torch.no_grad()
+def walks_figure(model, weights, task, summary, out, n_walks=64, seed=0):
+    """walks.png: one held-out maze, n_walks walks sampled from each of `weights` ({name: state dict}, the warm
+    start first) drawn over it: green reached the goal, red failed (a red walk ends in the wall it walked
+    into). The maze is chosen by the warm start alone (its success counts in summary, results.json): the one it
+    solves closest to one time in eight, the longer route first among equals; so the methods start from a
+    maze that is neither solved nor hopeless, and sharpening (few distinct walks) and coverage (many) show."""
+    lengths = [task.path_length(problem) for problem in task.test_problems]
+    successes, n = summary["initial_per_prompt_successes"], summary["samples_per_prompt"]
+    index = min(range(len(lengths)), key=lambda i: (abs(successes[i] / n - 1 / 8), -lengths[i]))
+    problem = task.test_problems[index]
+    grid, start, goal = problem
+    prompts = maxrl.prompt_tensor(task, [problem], model.embed.weight.device)
+    fig, axes = new_figure(1, len(weights), figsize=(2.6 * len(weights), 3.0))
+    for ax, (name, state) in zip(np.atleast_1d(axes), weights.items()):
+        model.load_state_dict(state)
+        generator = torch.Generator(prompts.device).manual_seed(seed)
+        completions, ends = maxrl.sample_completions(model, prompts, n_walks, task.max_completion_len, task.stop_id,
+                                                     generator, task.reward_tracker([problem], n_walks, prompts.device))
+        rewards = maxrl.score(task, [problem], completions, ends)[0]  # (n_walks,)
+        walks = [tuple(task.decode(c[:end])) for c, end in zip(completions[0].tolist(), ends[0].tolist())]
+        ax.imshow(np.array(grid, dtype=float), cmap="gray", vmin=-0.3, vmax=1.0)
+        rng = np.random.default_rng(seed)
+        for walk, reward in zip(walks, rewards.tolist()):
+            rows, cols = np.array(walk_squares(start, walk), dtype=float).T + rng.normal(0, 0.08, (2, 1))
+            ax.plot(cols, rows, color="tab:green" if reward else "tab:red", alpha=0.25, lw=1.2)
+        ax.plot(*start[::-1], "bo", ms=5)
+        ax.plot(*goal[::-1], "b*", ms=9)
+        ax.set_title(f"{name}: {int(rewards.sum())}/{n_walks} reach the goal\n{len(set(walks))} distinct walks", fontsize=8)
+        ax.set(xticks=[], yticks=[])
+    fig.suptitle(f"one held-out maze (shortest route {lengths[index]} moves), {n_walks} sampled walks each", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "walks.png", dpi=120)
 
 
 # ----------------------------------------------------------------------------------------
@@ -786,7 +844,8 @@ def pool_runs(paths, out):
     for k in (1, n):
         print(f"\npass@{k}, each with its own 95% interval: " + ", ".join(
             f"{name} {v:.3f} [{lo:.3f}, {hi:.3f}]" for name, (v, lo, hi) in with_intervals(curves, boots, k).items()))
-    print(f"\nwrote {out}/pass_at_k.png, pareto.png")
+    curves_figure(summaries, out, pooled=f"pooled over {len(runs)} runs: ")
+    print(f"\nwrote {out}/pass_at_k.png, pareto.png, curves.png")
 
 
 if __name__ == "__main__":  # python notebooks/experiments.py [--out DIR] runs/nav-N16-seed*/results.json

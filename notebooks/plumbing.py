@@ -110,6 +110,29 @@ def average_gradients_over_processes(model):
         parameter.register_post_accumulate_grad_hook(on_gradient)
 
 
+@torch.no_grad()
+def reference_route(model, task, batch=64):
+    """Teacher forcing on each held-out prompt's reference completion (mazes: the shortest route, what the
+    warm start was trained on): "route_token_accuracy", the share of its tokens the model ranks first, and
+    "route_prob", the mean probability of the whole completion. A model that reads the maze move by move
+    but fails by compounding small errors over long walks has a high first and a low second."""
+    device, ranked_first, tokens, route_prob = model.embed.weight.device, 0, 0, []
+    for start in range(0, len(task.test_problems), batch):
+        problems = task.test_problems[start:start + batch]
+        prompts = maxrl.prompt_tensor(task, problems, device)  # (B, Tp)
+        refs = [task.reference_completion(problem) for problem in problems]
+        Tc = max(map(len, refs))
+        targets = torch.tensor([r + [task.pad_id] * (Tc - len(r)) for r in refs], device=device)  # (B, Tc)
+        logits, _ = model(torch.cat([prompts, targets[:, :-1]], 1))  # (B, Tp+Tc-1, V)
+        logits = logits[:, prompts.shape[1] - 1:]  # (B, Tc, V) each predicts a token of the completion
+        mask = torch.arange(Tc, device=device) < torch.tensor([[len(r)] for r in refs], device=device)  # (B, Tc)
+        ranked_first += ((logits.argmax(-1) == targets) & mask).sum().item()
+        tokens += mask.sum().item()
+        token_logprob = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]  # (B, Tc)
+        route_prob += (token_logprob * mask).sum(-1).exp().tolist()
+    return {"route_token_accuracy": ranked_first / tokens, "route_prob": sum(route_prob) / len(route_prob)}
+
+
 class RunKeeper:
     """The `keeper` of maxrl.compare_methods and train_method, for python maxrl.py and the
     experiments: prepare sets the model up (the decoder, the GPU options, torchrun) and returns
@@ -122,6 +145,7 @@ class RunKeeper:
     def __init__(self, args, checkpoints=False):
         self.args, self.checkpoint = args, args.out / "checkpoint.pt" if checkpoints else None
         self.run, self.progress = None, None  # the run's state (warm start, methods done), the saved progress
+        self.final_weights = {}  # method -> the weights it ended with (the methods trained in this process)
 
     def prepare(self, model, device):
         keep_freed_memory()
@@ -161,6 +185,7 @@ class RunKeeper:
             except Exception:  # truncated or unreadable: recompute
                 pass
         evaluation = maxrl.evaluate(model, task, ks, seed)
+        evaluation[0].update(reference_route(model, task))
         if cached and maxrl.RANK == 0:
             save_atomic(evaluation, cache_file)
         return evaluation
@@ -187,6 +212,8 @@ class RunKeeper:
         """Save the method's progress every --ckpt-every steps and when asked to stop; returns
         whether to stop (Ctrl-C on any process, under torchrun)."""
         stop = stop_requested
+        if step == self.args.steps:
+            self.final_weights[method] = {k: v.detach().clone() for k, v in training["model"].state_dict().items()}
         if maxrl.WORLD > 1:  # Ctrl-C reaches the processes at slightly different steps
             flag = torch.tensor([float(stop)], device=training["model"].embed.weight.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
