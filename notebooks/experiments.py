@@ -550,6 +550,18 @@ def with_intervals(curves, boots, k):
             for name, curve in curves.items()}
 
 
+def lowest_differences(curves, boots, reference="maxrl"):
+    """{name: [k, difference, low, high]}: where reference's pass@k curve is lowest against each other name's
+    (curves and boots from bootstrap_curves), the difference there and its 95% paired bootstrap interval:
+    a lowest difference at or above zero means reference is at least as good at every k."""
+    lowest = {}
+    for name in [name for name in curves if name != reference]:
+        k = int(np.argmin(curves[reference] - curves[name]))
+        lowest[name] = [k + 1, float(curves[reference][k] - curves[name][k]),
+                        *np.percentile(boots[reference][:, k] - boots[name][:, k], [2.5, 97.5]).tolist()]
+    return lowest
+
+
 def print_scaling_factors(factors, reference, n):
     print(f"\ntest-time scaling efficiency of {reference} at k = {n}: how many times fewer samples it needs for the "
           "same pass@k (below 1: more), 95% bootstrap interval over prompts")
@@ -841,6 +853,9 @@ def pool_runs(paths, out):
     for k in [2**i for i in range(4, n.bit_length() - 1)]:
         print(f"{'k = ' + str(k):>13} " + "  ".join(f"{name} {factor:.2f}x [{low:.2f}, {high:.2f}]" for name, (
             factor, low, high) in scaling_factors(curves, boots, reference, at=k).items()))
+    print(f"\n{reference} minus each at every k = 1..{n}, paired: the lowest difference, at that k")
+    for name, (k, difference, low, high) in lowest_differences(curves, boots, reference).items():
+        print(f"{name:>13} pass@{k} {difference:+.3f} [{low:+.3f}, {high:+.3f}]")
     for k in (1, n):
         print(f"\npass@{k}, each with its own 95% interval: " + ", ".join(
             f"{name} {v:.3f} [{lo:.3f}, {hi:.3f}]" for name, (v, lo, hi) in with_intervals(curves, boots, k).items()))
