@@ -149,7 +149,7 @@ def add_model_output_and_sweep_flags(parser):
     group.add_argument("--curve-prompts", type=NATURAL, default=64,
                        help="the evaluations during training: the first this many held-out prompts, each with as "
                             "many samples as the final evaluations (pass@1 and pass@256 along the curve); "
-                            "0 = every held-out prompt, N samples each")
+                            "0 = every held-out prompt, the first power of two >= N samples each")
     group.add_argument("--eval-samples", type=NATURAL, default=256,
                        help="samples per held-out prompt in the final evaluations (the warm start's, each method's; "
                             "a power of two, or the next one up)")
@@ -298,8 +298,8 @@ def run(args):
             experiments.report_test_time_scaling(summary, args)
         if summary and hasattr(args.task_obj, "path_length"):
             experiments.report_by_path_length(summary, args)
-        if summary and hasattr(args.task_obj, "path_length") and keeper.run:  # keeper.run: the warm start
-            weights = {"start": keeper.run["start"]["weights"]} | keeper.final_weights  # this process's methods
+        if summary and hasattr(args.task_obj, "path_length") and keeper.run:  # keeper.run holds the warm start
+            weights = {"start": keeper.run["start"]["weights"]} | keeper.final_weights  # methods ended in this process
             experiments.walks_figure(model, weights, args.task_obj, summary, args.out)
             print(f"wrote {args.out}/walks.png")
     else:

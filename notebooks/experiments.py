@@ -716,8 +716,9 @@ def walk_squares(start, moves):
 @torch.no_grad()
 def walks_figure(model, weights, task, summary, out, n_walks=64, seed=0):
     """walks.png: one held-out maze, n_walks walks sampled from each of `weights` ({name: state dict}, the warm
-    start first) drawn over it: green reached the goal, red failed (a red walk ends in the wall it walked
-    into). The maze is chosen by the warm start alone (its success counts in summary, results.json): the one it
+    start first) drawn over it: green reached the goal, red failed (a red walk ends where its reward was
+    decided: mostly the wall it walked into). A run continued with --resume draws only the methods it
+    trained itself. The maze is chosen by the warm start alone (its success counts in summary, results.json): the one it
     solves closest to one time in eight, the longer route first among equals; so the methods start from a
     maze that is neither solved nor hopeless, and sharpening (few distinct walks) and coverage (many) show."""
     lengths = [task.path_length(problem) for problem in task.test_problems]
