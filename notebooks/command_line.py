@@ -299,8 +299,7 @@ def run(args):
         if summary and hasattr(args.task_obj, "path_length"):
             experiments.report_by_path_length(summary, args)
         if summary and hasattr(args.task_obj, "path_length") and keeper.run:  # keeper.run holds the warm start
-            weights = {"start": keeper.run["start"]["weights"]} | keeper.final_weights  # methods ended in this process
-            experiments.walks_figure(model, weights, args.task_obj, summary, args.out)
+            experiments.walks_figure(model, keeper.trained_weights(), args.task_obj, summary, args.out)
             print(f"wrote {args.out}/walks.png")
     else:
         experiments.EXPERIMENTS[args.experiment](args)

@@ -190,6 +190,10 @@ class RunKeeper:
             save_atomic(evaluation, cache_file)
         return evaluation
 
+    def trained_weights(self):
+        """{"start": the warm start's weights} and each method's final weights (those trained in this process)."""
+        return {"start": self.run["start"]["weights"]} | self.final_weights
+
     def save(self, start, results, current=None):
         self.run = {"start": start, "results": results}
         if self.checkpoint and maxrl.RANK == 0:
