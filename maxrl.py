@@ -439,11 +439,12 @@ def rl_loss(model, task, problems, method, N, generator, device, expected=False)
 
 
 def warm_start(model, task, args, device):
-    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers): RL starts at p > 0."""
+    """Supervised fine-tuning on reference completions (BFS shortest paths, true answers): RL starts at p > 0.
+    Always on fresh problems, as pretraining is: --train-pool fixes only what RL trains on."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     rng = random.Random(f"sft-{args.seed}")
     for _ in tqdm(range(args.sft_steps), desc="warm start", disable=RANK > 0 or None):  # bars: on a terminal
-        problems = task.sample_train(args.sft_batch, rng)[RANK::WORLD]  # this process's share
+        problems = task.sample_train(args.sft_batch, rng, from_pool=False)[RANK::WORLD]  # fresh: the pool is RL's
         loss = supervised_loss(model, task, problems, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -455,7 +456,7 @@ def log_evaluation(model, task, args, ks, step, log, print_as=None, n_prompts=No
     metrics, _, log["successes"], log["failures"] = evaluate(model, task, ks, args.seed + 1, n_prompts)
     window, log["window"] = log["window"], []
     train = {f"train_{key}": float(np.mean([s[key] for s in window])) for key in (window[0] if window else {})}
-    point = {"step": step, "rollouts": step * args.batch * args.N, **metrics, **train}
+    point = {"step": step, "rollouts": step * args.batch * args.N, **metrics, **train, "successes": log["successes"]}
     if log["curve"][-1]["step"] == step:  # stopped right after an evaluation: the final one takes its place
         point = log["curve"].pop() | point
     log["curve"].append(point)
@@ -516,22 +517,22 @@ def shared_start(model, task, args, device, ks, keeper=None):
             "per_prompt_p": per_prompt_p, "successes": successes, "warm_start_s": time.time() - started}
 
 
+def mean_interval(per_run, resamples=2000, seed=0):
+    """[mean, low, high]: the mean over runs of each run's mean over prompts (per_run: [(P,) values]), and its 95%
+    bootstrap interval, prompts resampled within each run; the same resamples whatever the values, so that
+    differences of two methods on the same prompts are paired."""
+    rng = np.random.default_rng(seed)
+    boots = [values[rng.integers(0, len(values), (resamples, len(values)))].mean(1) for values in per_run]  # (R,) each
+    return [float(np.mean([v.mean() for v in per_run])), *np.percentile(np.mean(boots, 0), [2.5, 97.5]).tolist()]
+
+
 def paired_differences(runs, n, ks, reference="maxrl", resamples=2000, seed=0):
     """{name: {metric: [mean, low, high]}}: metric(reference) - metric(name) on the same held-out prompts, pass@k
-    (unbiased, from n samples) and coverage. runs: [{name: success count per prompt}]; the mean over runs of each
-    run's mean, and its 95% bootstrap interval (prompts resampled within each run, alike for every name: paired)."""
-    per_prompt = lambda c: {**{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}
-    rng, pooled = np.random.default_rng(seed), {}
-    for successes in runs:
-        ours, n_prompts = per_prompt(np.asarray(successes[reference], dtype=np.float64)), len(successes[reference])
-        resample = rng.integers(0, n_prompts, (resamples, n_prompts))
-        for name, counts in [item for item in successes.items() if item[0] != reference]:
-            for metric, theirs in per_prompt(np.asarray(counts, dtype=np.float64)).items():
-                d = ours[metric] - theirs  # (P,)
-                pooled.setdefault(name, {}).setdefault(metric, []).append((d.mean(), d[resample].mean(1)))
-    return {name: {metric: [float(np.mean([mean for mean, _ in per_run])),
-                            *np.percentile(np.mean([boot for _, boot in per_run], 0), [2.5, 97.5]).tolist()]
-                   for metric, per_run in metrics.items()} for name, metrics in pooled.items()}
+    (unbiased, from n samples) and coverage; runs: [{name: success count per prompt}], pooled by mean_interval."""
+    per_prompt = lambda c: {**{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}  # (P,) each
+    tables = [{name: per_prompt(np.asarray(c, dtype=np.float64)) for name, c in successes.items()} for successes in runs]
+    return {name: {metric: mean_interval([t[reference][metric] - t[name][metric] for t in tables], resamples, seed)
+                   for metric in tables[0][name]} for name in runs[0] if name != reference}
 
 
 def print_paired(table, reference, what):

@@ -1,5 +1,6 @@
 """Tests for maxrl.py, toy_tasks.py and notebooks/. Run with `pytest` (about 1½ to 3 minutes on 2 CPU cores)."""
 
+import argparse
 import ast
 import contextlib
 import io
@@ -342,8 +343,10 @@ def test_train_and_test_splits_are_disjoint(task):
                                   lambda pool: Arithmetic(digits=2, n_test=16, train_pool=pool)])
 def test_train_pool_is_the_data_scarce_regime(make):
     """train_pool=M: training draws come from M fixed problems, never held out, the same M for
-    every call; train_pool=0 (infinite data): 2,000 draws are nearly all distinct problems."""
+    every call; from_pool=False (the warm start's) draws what train_pool=0 draws, fresh problems;
+    train_pool=0 (infinite data): 2,000 draws are nearly all distinct problems."""
     task = make(10)
+    assert task.sample_train(50, random.Random(1), from_pool=False) == make(0).sample_train(50, random.Random(1))
     draws = task.sample_train(2000, random.Random(1))
     keys = {repr(problem) for problem in draws}
     assert keys == {repr(problem) for problem in task.train_pool} and len(keys) == 10
@@ -918,6 +921,65 @@ def test_sweep_experiments_run_at_a_tiny_size(tmp_path, experiment, flags):
     assert set(sweep["runs"]) == expected
     for per_seed in sweep["runs"].values():
         assert len(per_seed) == 2 and [c["step"] for c in per_seed[0]["curve"]] == [0, 1, 2]
+    if experiment == "scaling":  # its paired tables: at every N, and the gain from N = 2 to N = 4
+        minus_each, minus_start, gains = sweep["paired"].values()
+        assert set(minus_each) == set(minus_start) == {"2", "4"} and set(gains) == {"2->4"}
+        assert set(minus_each["4"]) == {"start", "rloo", "grpo"} and set(minus_start["4"]) == {"rloo", "grpo", "maxrl"}
+
+
+def test_data_experiment_runs_at_a_tiny_size(tmp_path):
+    """--experiment=data: each method on a fixed pool, curves against epochs; maxrl minus each at the end and at the
+    other's peak; the warm start is the one without a pool (RL's data is the pool, the warm start's is not)."""
+    result = run_main("--experiment=data", "--task=nav", "--size=7", "--N=4", "--train-pool=4", "--seeds=2",
+                      "--curve-prompts=4", "--eval-samples=8", *TINY, f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data.png").stat().st_size > 0
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert set(data["paired"]["at the end"]) == set(data["paired"]["at its peak"]) == {"rloo", "grpo"}
+    assert data["paired"]["at the end"]["grpo"]["epoch"] == 1.0  # 2 steps x 2 prompts over a pool of 4
+    assert data["paired"]["at its peak"]["grpo"]["epoch"] in (0.5, 1.0)
+    for per_seed in data["runs"].values():
+        assert len(per_seed) == 2 and [len(c["successes"]) for c in per_seed[0]["curve"][1:]] == [4, 8]
+
+
+def test_the_warm_start_ignores_the_pool(tmp_path):
+    """--train-pool fixes RL's data only: the warm start with a pool of 2 mazes ends with the same weights as the one
+    without (fresh mazes, as pretraining); drawn from the pool, they would differ."""
+    weights = []
+    for pool in (0, 2):
+        args = command_line.parse_args(["--task=nav", "--size=7", f"--train-pool={pool}", "--sft-steps=3",
+                                        *TINY[2:3], *TINY[5:], f"--out={tmp_path / str(pool)}"])
+        model, _, device = maxrl.build_model(args, args.task_obj)
+        maxrl.warm_start(model, args.task_obj, args, device)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(*weights)
+
+
+def test_data_comparisons_find_the_peak_and_pair_the_prompts():
+    """data_comparisons: where b's held-out pass@1 peaks (its second evaluation here) and maxrl minus b there and
+    at the end equal the differences of the per-prompt success rates, averaged over the two seeds."""
+    counts = lambda *c: list(c)
+    b = [[counts(0, 0), counts(2, 2), counts(4, 4), counts(1, 1)]] * 2  # (seeds, evaluations, prompts) of n = 4
+    ours = [[counts(0, 0), counts(1, 3), counts(3, 3), counts(4, 2)]] * 2
+    held_out = lambda c, k: np.mean(maxrl.pass_at_k(4, np.asarray(c, dtype=np.float64), k))
+    tables = experiments.data_comparisons({"b": b, "maxrl": ours}, [0, 1, 2, 3], 4, held_out, "maxrl")
+    assert tables["at its peak"]["b"]["epoch"] == 2 and tables["at the end"]["b"]["epoch"] == 3
+    assert tables["at its peak"]["b"]["pass@1"][0] == pytest.approx((3 - 4) / 4)
+    assert tables["at the end"]["b"]["pass@1"][0] == pytest.approx((3 - 1) / 4)
+
+
+def test_scaling_comparisons_pair_each_n_and_the_gain_in_n():
+    """scaling_comparisons on made-up success counts (n = 4 samples, 2 prompts, one seed): maxrl minus each and each
+    minus the warm start at every N, and maxrl's gain from N = 2 to N = 8 minus a's, equal the per-prompt sums."""
+    counts = {("a", 2): [1, 1], ("a", 8): [2, 2], ("maxrl", 2): [0, 2], ("maxrl", 8): [4, 4]}
+    results = {experiments.run_label(m, N): [{"per_prompt_successes": c}] for (m, N), c in counts.items()}
+    args = argparse.Namespace(Ns=[2, 8], methods=["a", "maxrl"])
+    tables = experiments.scaling_comparisons(args, [{"successes": [0, 0]}], results, 4, [1], "maxrl")
+    minus_each, minus_start, gain = tables.values()
+    assert minus_each[8]["a"]["pass@1"][0] == pytest.approx((4 + 4 - 2 - 2) / 8)
+    assert minus_each[2]["start"]["pass@1"][0] == pytest.approx((0 + 2) / 8)
+    assert minus_start[8]["a"]["pass@1"][0] == pytest.approx((2 + 2) / 8)
+    assert gain["2->8"]["a"]["pass@1"][0] == pytest.approx(((8 - 2) - (4 - 2)) / 8)
 
 
 def test_order_experiment_runs_at_a_tiny_size(tmp_path):
@@ -1457,7 +1519,7 @@ WARM_CACHED = ["--task=arith", "--digits=1", "--N=2", "--methods=ml,maxrl", "--s
 
 def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
     """The first run computes the warm start and its evaluation and caches both; a run with other
-    --N/--methods hits the cache (and says so); truncated cache files are rebuilt, not a crash; a run
+    --N/--methods/--train-pool (RL's data, not the warm start's) hits the cache (and says so); truncated cache files are rebuilt, not a crash; a run
     with other warm-start flags misses. Cached, rebuilt and uncached runs give identical results."""
     cache = f"--cache-dir={tmp_path / 'cache'}"
     run = lambda name, *flags: (run_main(*WARM_CACHED, cache, f"--out={tmp_path / name}", *flags).stdout,
@@ -1466,7 +1528,7 @@ def test_warm_start_cache_hit_miss_corrupt_and_identical_results(tmp_path):
     assert "loaded from" not in first
     weights, evaluation = sorted((tmp_path / "cache").iterdir(), key=lambda path: "-eval-" in path.name)
     assert "-eval-256-1." in evaluation.name  # --eval-samples, the evaluation's seed
-    hit, _ = run("hit", "--N=4", "--methods=rloo")
+    hit, _ = run("hit", "--N=4", "--methods=rloo", "--train-pool=5")
     assert "warm start: loaded from" in hit
     again, again_json = run("again")
     uncached, uncached_json = run("uncached", "--no-cache")

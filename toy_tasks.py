@@ -6,8 +6,9 @@ Both tasks share one small interface, so the trainer in maxrl.py never looks ins
     task.prompt_len, task.max_completion_len             every prompt has the same length
     task.unique_answers                                  True if exactly one completion is correct
     task.test_problems                                   the held-out split (fixed at construction)
-    task.sample_train(n, rng)                            n training problems, never a test problem
+    task.sample_train(n, rng, from_pool=True)            n training problems, never a test problem
     task.train_pool                                      None (infinite data) or the fixed training set
+                                                         (from_pool=False: fresh ones even so)
     task.encode_prompt(problem) -> list[int]
     task.reference_completion(problem) -> list[int]      a correct completion (for the warm start)
     task.check(problem, completion) -> (ok, reason)      the verifier
@@ -62,10 +63,10 @@ class Task:
         raise ValueError(f"cannot find {n} distinct held-out problems: use fewer --eval-prompts "
                          "or a larger task (7x7 has 192 distinct mazes, 5x5 only 4)")
 
-    def sample_train(self, n, rng):
-        """n training problems drawn from rng (from the pool, if there is one); anything in the
-        held-out split is redrawn."""
-        if self.train_pool is not None:
+    def sample_train(self, n, rng, from_pool=True):
+        """n training problems drawn from rng: from the pool if there is one (and from_pool), else
+        fresh ones, where anything in the held-out split is redrawn."""
+        if self.train_pool is not None and from_pool:
             return [rng.choice(self.train_pool) for _ in range(n)]
         problems = []
         for _ in range(1000 * n):

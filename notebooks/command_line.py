@@ -21,7 +21,7 @@ from toy_tasks import make_task
 HERE = Path(maxrl.__file__).resolve().parent
 
 EXPERIMENTS = ("compare", "weights", "gradnorm", "gradcos", "variance", "interpolation", "order", "scaling",
-               "bench")  # all but compare are in notebooks/experiments.py
+               "data", "bench")  # all but compare are in notebooks/experiments.py
 EXACT_P_EXPERIMENTS = ("weights", "gradnorm", "gradcos", "variance", "interpolation", "order")  # need arith
 SWEEPS = ("interpolation", "order", "scaling")  # train runs over --Ns
 TASK_DEFAULTS = {"arith": {"sft_steps": 400, "sft_batch": 64, "sft_lr": 1e-3, "steps": 100, "lr": 1e-4,
@@ -31,7 +31,8 @@ EXPERIMENT_DEFAULTS = {  # where an experiment's defaults differ from compare's;
                       "Ts": "1,3,15,63,255,1023", "eval_samples": 0, "curve_prompts": 0},
     "order": {"single_token": True, "sft_steps": 0, "steps": 500, "lr": 1e-3, "eval_every": 25, "N": 256,
               "eval_samples": 0, "curve_prompts": 0},
-    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 4, "eval_every": 1000, "eval_samples": 0, "curve_prompts": 0},
+    "scaling": {"Ns": "4,16,64", "steps": 100, "batch": 8, "eval_every": 1000, "curve_prompts": 0},
+    "data": {"train_pool": 32, "steps": 200, "eval_every": 25},
 }
 SINGLE_TOKEN_INTERPOLATION = {"sft_steps": 0, "steps": 500, "lr": 1e-3, "Ns": "4,16,64,256,1024",
                               "Ts": "1,3,15,63,255,1023"}  # from p = 1/216, the paper's classification study
@@ -166,7 +167,7 @@ def add_model_output_and_sweep_flags(parser):
                             "trained on their exact expected gradient (maxrl at N = T + 1)")
     group.add_argument("--T", type=POSITIVE, default=4,
                        help="order: the order of maxrl@T at every --Ns; variance: the order compared")
-    group.add_argument("--seeds", type=POSITIVE, default=3, help="sweeps: seeds SEED..SEED+SEEDS-1, each from its own start")
+    group.add_argument("--seeds", type=POSITIVE, default=3, help="sweeps and data: seeds SEED..SEED+SEEDS-1, each from its own start")
     group.add_argument("--paper-size", action="store_true",
                        help="scaling: the paper's maze setting (17x17, 3M parameters, N up to 128; a GPU)")
 
@@ -187,6 +188,7 @@ def flag_problems(args):
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
         (args.resume and args.experiment != "compare", "--resume continues the main command (compare) only"),
         (args.paper_size and args.experiment != "scaling", "--paper-size goes with --experiment=scaling"),
+        (args.experiment == "data" and not args.train_pool, "--experiment=data needs a fixed pool: --train-pool >= 1"),
         (args.single_token and args.task != "arith", "--single-token is an arith option"),
         (args.n_embd % (2 * args.n_head), "--n-embd must be a multiple of 2 x --n-head"),
         (args.device == "cuda" and not torch.cuda.is_available(), "--device=cuda but no GPU is visible"),
@@ -312,7 +314,7 @@ def main(argv=None):
         if on_gpus:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process, its streams there
         dist.init_process_group("nccl" if on_gpus else "gloo")
-    if args.experiment in ("compare", *SWEEPS):  # Ctrl-C: finish the step, save, exit 130
+    if args.experiment in ("compare", "data", *SWEEPS):  # Ctrl-C: finish the step, save, exit 130
         signal.signal(signal.SIGINT, plumbing.request_stop)
     try:
         run(args)

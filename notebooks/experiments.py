@@ -334,7 +334,7 @@ def train_sweep(args, runs, ks):
         model, _, device = maxrl.build_model(seed_args, task)
         keeper.prepare(model, device)
         start = maxrl.shared_start(model, task, seed_args, device, ks, keeper)
-        initial.append(start["initial"])
+        initial.append({**start["initial"], "successes": start["successes"]})
         for method, N, expected in [(*run, False)[:3] for run in runs]:
             model.load_state_dict(start["weights"])
             result = maxrl.train_method(method, model, task, with_flags(seed_args, N=N, expected_gradient=expected),
@@ -464,30 +464,120 @@ def order_experiment(args):
 
 
 def scaling_experiment(args):
-    """The paper's maze scaling figure at toy scale: each method in --methods at each N in
-    --Ns from the same warm start (the main command's, so its cache is shared), with the same
-    prompts per step and steps; then -log pass@k on the held-out mazes (unbiased estimator
-    from 64 samples) against N, for k in 1, 8, 64. Mean and range over --seeds seeds."""
-    ks, shown = maxrl.eval_ks(64), [1, 8, 64]
-    runs = [(method, N) for method in args.methods for N in args.Ns]
-    initial, results = train_sweep(args, runs, ks)
+    """The paper's compute-scaling figure at toy scale: each method in --methods at each N in --Ns from the same warm
+    start (the main command's: its cache is shared), with the same prompts per step and steps; then -log pass@k on
+    the held-out mazes at the end (unbiased, from --eval-samples samples each) against N for k = 1, 16 and the
+    largest, the warm start as a line; mean and range over --seeds seeds. Printed, paired and pooled over seeds:
+    maxrl minus each at every N, each minus the warm start, and maxrl's gain from the smallest N to the largest
+    minus each one's."""
+    ks = maxrl.eval_ks(max(args.Ns))
+    initial, results = train_sweep(args, [(method, N) for method in args.methods for N in args.Ns], ks)
+    n = max(maxrl.final_ks(args, ks))
+    shown, reference = sorted({1, min(16, n), n}), "maxrl" if "maxrl" in args.methods else args.methods[-1]
     data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
     if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "scaling", data)
+    data["paired"] = scaling_comparisons(args, initial, results, n, shown, reference)
     fig, axes = new_figure(1, len(shown), figsize=(12, 4))
-    neg_log = lambda values: -np.log(np.maximum(values, 1e-4))  # nothing solved: drawn at 1e-4
     for ax, k in zip(axes, shown):
-        ax.axhline(neg_log(np.mean([m[f"pass@{k}"] for m in initial])), color="k", ls=":",
-                   label="after warm start")
+        ax.axhline(-np.log(max(np.mean([m[f"pass@{k}"] for m in initial]), 1e-4)), color="k", ls=":", label="warm start")
         for method in args.methods:
             per_seed = [[r["final"][f"pass@{k}"] for r in results[run_label(method, N)]] for N in args.Ns]
-            band(ax, args.Ns, neg_log(np.array(per_seed).T), marker="o", label=method)  # (seeds, Ns)
-        ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"-log pass@{k} (held out)")
+            band(ax, args.Ns, -np.log(np.maximum(per_seed, 1e-4)).T, marker="o", label=method)  # (seeds, Ns)
+        ax.set(xscale="log", xlabel="rollouts per prompt N", title=f"-log pass@{k} (held out; lower is better)")
         ax.set_xticks(args.Ns, [str(N) for N in args.Ns])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
-    title = f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts;"
+    title = f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts, {n} samples per held-out maze;"
     finish_sweep_figure(fig, axes, args, "scaling", title, data)
+
+
+def scaling_comparisons(args, initial, results, n, ks, reference):
+    """The scaling experiment's paired tables (printed, and returned for its JSON): at each N, reference minus each
+    method and each method minus the warm start; and reference's gain in pass@k from the smallest N to the largest
+    minus each method's. Intervals: maxrl.mean_interval over the held-out prompts of every seed."""
+    successes = lambda method, N: [r["per_prompt_successes"] for r in results[run_label(method, N)]]
+    per_prompt = lambda counts, k: maxrl.pass_at_k(n, np.asarray(counts, dtype=np.float64), k)  # (P,)
+    low, high = min(args.Ns), max(args.Ns)
+    gain_title = f"reference's gain from N = {low} to N = {high} minus each one's"
+    tables = {"reference minus each": {}, "each minus the warm start": {}, gain_title: {}}
+    for N in args.Ns:
+        runs = [{"start": start["successes"]} | {m: successes(m, N)[seed] for m in args.methods}
+                for seed, start in enumerate(initial)]
+        tables["reference minus each"][N] = maxrl.paired_differences(runs, n, ks, reference)
+        tables["each minus the warm start"][N] = {m: maxrl.paired_differences(runs, n, ks, m)["start"]
+                                                  for m in args.methods}
+    gain = lambda method, seed, k: per_prompt(successes(method, high)[seed], k) - per_prompt(successes(method, low)[seed], k)
+    tables[gain_title][f"{low}->{high}"] = {method: {f"pass@{k}": maxrl.mean_interval(
+        [gain(reference, seed, k) - gain(method, seed, k) for seed in range(len(initial))]) for k in ks}
+        for method in args.methods if method != reference}
+    for title, table in tables.items():
+        print(f"\n{title.replace('reference', reference)} (mean, 95% paired bootstrap interval, {len(initial)} seeds):")
+        for N, rows in table.items():
+            for name, row in rows.items():
+                print(f"N={N:<7} {name:>6} " + "  ".join(f"{m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                                          for m, (d, lo, hi) in row.items() if m != "coverage"))
+    return tables
+
+
+def data_comparisons(points, epochs, n, held_out, reference):
+    """The data-scarce experiment's paired tables (printed, and returned for its JSON): reference minus each method
+    at the end (every held-out maze) and at the evaluation where that method's held-out pass@1 (held_out, mean over
+    seeds) peaks. points: {method: per seed, the per-prompt success counts at each evaluation (the warm start's
+    first); epochs: the epoch of each evaluation."""
+    tables = {"at the end": {}, "at its peak": {}}
+    for method in [m for m in points if m != reference]:
+        peak = 1 + int(np.argmax(np.mean([[held_out(c, 1) for c in seed[1:]] for seed in points[method]], 0)))
+        for title, at in [("at the end", -1), ("at its peak", peak)]:
+            runs = [{reference: ours[at], method: theirs[at]} for ours, theirs in zip(points[reference], points[method])]
+            tables[title][method] = {"epoch": epochs[at],
+                                     **maxrl.paired_differences(runs, n, [1, n], reference)[method]}
+    for title, table in tables.items():
+        print(f"\n{reference} minus each, {title} (epoch; mean, 95% paired bootstrap interval over the "
+              f"held-out mazes of {len(points[reference])} seeds):")
+        for name, row in table.items():
+            print(f"{name:>6} epoch {row['epoch']:<5g} " + "  ".join(f"{m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                                             for m, (d, lo, hi) in list(row.items())[1:]))
+    return tables
+
+
+def data_experiment(args):
+    """The paper's data-scarce study at toy scale: RL on a fixed pool of --train-pool training mazes, epoch after
+    epoch, each method in --methods from the same warm start (trained on fresh mazes, as pretraining is: the main
+    command's cache). Against epochs: the training reward on the pool, held-out pass@1 and pass@n (n samples, the
+    first --curve-prompts held-out mazes at every point), the warm start as a line; mean and range over --seeds
+    seeds. Printed, paired and pooled over seeds: maxrl minus each at the end (every held-out maze) and where each
+    other method's held-out pass@1 peaks."""
+    ks = maxrl.eval_ks(args.N)
+    initial, results = train_sweep(args, [(method, args.N) for method in args.methods], ks)
+    data = {"config": maxrl.flag_record(args), "ks": ks, "initial": initial, "runs": results}
+    if plumbing.stop_requested:
+        return save_interrupted_sweep(args.out, "data", data)
+    n, reference = max(maxrl.final_ks(args, ks)), "maxrl" if "maxrl" in args.methods else args.methods[-1]
+    points = {method: [[start["successes"], *[c["successes"] for c in r["curve"][1:]]]  # per seed: per point
+                       for r, start in zip(results[run_label(method, args.N)], initial)] for method in args.methods}
+    shown = args.curve_prompts or len(initial[0]["successes"])  # the mazes every point has
+    held_out = lambda counts, k: np.mean(maxrl.pass_at_k(n, np.asarray(counts[:shown], dtype=np.float64), k))
+    epochs = [c["step"] * args.batch / args.train_pool for c in results[run_label(reference, args.N)][0]["curve"]]
+    data["paired"] = data_comparisons(points, epochs, n, held_out, reference)
+    fig, axes = new_figure(1, 3, figsize=(15, 4))
+    for method in args.methods:
+        per_seed = results[run_label(method, args.N)]
+        band(axes[0], epochs[1:], [[c["train_reward"] for c in r["curve"][1:]] for r in per_seed], label=method)
+        for ax, k in zip(axes[1:], [1, n]):
+            band(ax, epochs, [[held_out(counts, k) for counts in seed] for seed in points[method]], marker=".",
+                 label=method)
+    for ax, k in zip(axes[1:], [1, n]):
+        ax.axhline(np.mean([held_out(m["successes"], k) for m in initial]), color="k", ls="--", label="warm start")
+        ax.set(ylabel=f"held-out pass@{k} ({shown} mazes)")
+    axes[0].set(ylabel=f"training reward (pass@1 on the pool of {args.train_pool})")
+    for ax in axes:
+        ax.set(xlabel="epochs over the pool")
+        ax.grid(alpha=0.3)
+    title = (f"nav {args.size}x{args.size}: {args.train_pool} training mazes, {args.steps} steps x {args.batch} "
+             f"prompts x N = {args.N};")
+    finish_sweep_figure(fig, axes[1:], args, "data", title, data)
+
 
 # ----------------------------------------------------------------------------------------
 # After the main command: each method against maxrl on the same held-out prompts, with a
@@ -834,7 +924,8 @@ def benchmark(args, repeats=3):
 
 EXPERIMENTS = {"weights": weights_experiment, "gradnorm": gradnorm_experiment, "gradcos": gradcos_experiment,
                "variance": variance_experiment, "interpolation": interpolation_experiment,
-               "order": order_experiment, "scaling": scaling_experiment, "bench": benchmark}
+               "order": order_experiment, "scaling": scaling_experiment, "data": data_experiment,
+               "bench": benchmark}
 
 
 def pool_runs(paths, out):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import maxrl
 import toy_tasks
 
-WARM_START_FLAGS = ("task", "size", "max_moves", "loops", "digits", "ops", "single_token", "train_pool",
+WARM_START_FLAGS = ("task", "size", "max_moves", "loops", "digits", "ops", "single_token",
                     "eval_prompts", "n_layer", "n_head", "n_embd", "sft_steps", "sft_batch", "sft_lr", "seed",
                     "compile")
 NOT_RESUMED_FLAGS = ("resume", "overwrite", "ckpt_every", "cache_dir", "no_cache", "rank")
