@@ -20,14 +20,12 @@ them 0/1, weight each completion's log-probability by an advantage) except:
      variate -1 in all-fail groups (`maxrl_order_n`) gives order T = N (the paper's Theorem 2);
   3. nothing else: no KL, no clipping, no entropy bonus, fully on-policy.
 
-How to read this file: the lesson runs from here to the end of the main command
-(`compare_methods`), each part using only what stands above it: 1. the five estimators, the
-loss, pass@k and their exact weights; 2. the model; 3. sampling and log-probs; 4. evaluation;
-5. training: the warm start, one RL step (`rl_loss`), the loop (`train_method`); 6. the main
-command and its report. After it: the order-T estimator families. In notebooks/: the command
-line (command_line.py), what keeps runs and the faster decoders (plumbing.py), the experiments.
-Run: python maxrl.py --task=nav --N=16 (rloo, grpo, maxrl side by side; --help for the rest). With
---task=arith the answer is unique and `--methods=ml` trains on exact maximum likelihood (cross-entropy).
+How to read this file: the lesson runs from here to the end of the main command (`compare_methods`), each
+part using only what stands above it: 1. the five estimators, the loss, pass@k, their exact weights; 2. the
+model; 3. sampling and log-probs; 4. evaluation; 5. training: the warm start, one RL step (`rl_loss`), the loop
+(`train_method`); 6. the main command and its report. After it: the order-T estimator families. notebooks/ holds
+the command line, what keeps runs with the faster caches and decoders (plumbing.py), and the experiments.
+Run: python maxrl.py --task=nav --N=16 (--help for the rest); --task=arith --methods=ml is exact cross-entropy.
 """
 
 import functools
@@ -167,38 +165,21 @@ def apply_rotary(x, cos, sin):  # x (B, H, T, D); cos, sin (T, D/2)
 
 
 class KVCache:
-    """Keys and values of the tokens so far, per layer, for R = B*n rows: n completions of each of B prompts
-    (row b*n + j: completion j of prompt b). Shared prefix (cascade attention): a prompt's keys and values
-    (B, H, P, D) are stored once, not copied into its n rows; the rows' own, after the prompt, fill
-    (R, H, capacity - P, D) in place. forward advances length, the tokens so far (prompt included)."""
+    """Keys and values of the tokens so far, per layer, for R = B*n rows (row b*n + j: completion j of prompt b):
+    its prompt's (computed once, copied into its n rows), then its own tokens', in place; forward advances length."""
 
-    def __init__(self, prompt_kv, n, capacity):
-        B, H, P, D = prompt_kv[0][0].shape
-        self.prompt_kv, self.n, self.length = prompt_kv, n, P
-        self.keys = [k.new_empty(B * n, H, capacity - P, D) for k, _ in prompt_kv]
-        self.values = [v.new_empty(B * n, H, capacity - P, D) for _, v in prompt_kv]
-
-    def group(self, x):  # (R, ...) -> (B, n, ...): each prompt's rows together
-        return x.view(-1, self.n, *x.shape[1:])
-
-    def ungroup(self, x):  # (B, n, ...) -> (R, ...)
-        return x.flatten(0, 1)
+    def __init__(self, prompt_kv, n, capacity):  # prompt_kv: per layer, keys and values (B, H, P, D)
+        self.length = prompt_kv[0][0].shape[2]  # the tokens so far: the prompt's P
+        room = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], capacity - self.length, x.shape[3])], 2)
+        self.keys = [room(k).repeat_interleave(n, 0) for k, _ in prompt_kv]  # (R, H, capacity, D) each
+        self.values = [room(v).repeat_interleave(n, 0) for _, v in prompt_kv]
 
     def attend(self, layer, q, k, v):  # (R, H, T, D) each, for T new tokens -> attention output (R, H, T, D)
-        prompt_k, prompt_v = self.prompt_kv[layer]  # (B, H, P, D)
-        P, T, D = prompt_k.shape[2], q.shape[2], q.shape[3]
-        start, end = self.length - P, self.length - P + T  # the new tokens' place among each row's own
+        start, end = self.length, self.length + q.shape[2]
         self.keys[layer][:, :, start:end], self.values[layer][:, :, start:end] = k, v
-        own_k, own_v = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (R, H, end, D)
-        q = q / math.sqrt(D)
-        prompt_scores = self.ungroup(torch.einsum("bjhtd,bhpd->bjhtp", self.group(q), prompt_k))  # (R, H, T, P)
-        own_scores = q @ own_k.transpose(-1, -2)  # (R, H, T, end)
-        if T > 1:  # new token i sees all of the prompt, and of its row's own tokens those up to itself
-            future = torch.ones(T, end, dtype=torch.bool, device=q.device).triu(start + 1)  # (T, end)
-            own_scores = own_scores.masked_fill(future, float("-inf"))
-        weights = torch.cat([prompt_scores, own_scores], -1).softmax(-1)  # (R, H, T, P+end): one softmax over both
-        from_prompt = torch.einsum("bjhtp,bhpd->bjhtd", self.group(weights[..., :P]), prompt_v)  # (B, n, H, T, D)
-        return self.ungroup(from_prompt) + weights[..., P:] @ own_v
+        sees = torch.ones(q.shape[2], end, dtype=torch.bool, device=q.device).tril(start)  # new token i: <= start+i
+        return F.scaled_dot_product_attention(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end],
+                                              attn_mask=sees)
 
 
 class SelfAttention(nn.Module):
@@ -244,6 +225,7 @@ class Transformer(nn.Module):
         angles = torch.outer(torch.arange(cfg.block_size).float(), 10000.0 ** -(torch.arange(0, D, 2) / D))
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
+        self.kv_cache = KVCache  # its class; the command line's keeper swaps in a faster one (notebooks/plumbing.py)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -268,9 +250,10 @@ class Transformer(nn.Module):
     def decoder(self, prompts, n, capacity):
         """Decoding n completions of each prompt (B, Tp), R = B*n rows, with a KV cache. Returns
         the first token's logits (R, V) and step(token (R, 1), alive (A,)) -> the next's (R, V).
-        This one computes every row, the ended ones too (sampling ignores them)."""
+        This one computes every row, the ended ones too (sampling does not read them); alive, the
+        rows still sampled, is for plumbing's faster decoders, which compute those alone."""
         logits, prompt_kv = self(prompts)  # (B, Tp, V)
-        cache = KVCache(prompt_kv, n, capacity)
+        cache = self.kv_cache(prompt_kv, n, capacity)
         step = lambda token, alive: self(token, cache)[0][:, -1]
         return logits[:, -1].repeat_interleave(n, 0), step
 
@@ -331,14 +314,14 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, tracker=N
 
 def completion_logprobs(model, prompts, completions, lengths):
     """Sum of each completion's token log-probs (with grad). (B, Tp), (B, N, Tc), (B, N) -> (B, N).
-    Shared prefix: each prompt runs once; its N completions attend to its keys and values, which
-    keep their graph, so gradients are exactly those of the full sequences."""
+    Each prompt runs once; its N completions read its keys and values from a KV cache, where they keep
+    their graph, so the gradients are exactly those of the full sequences."""
     B, N, Tc = completions.shape
     prompt_logits, prompt_kv = model(prompts)  # (B, Tp, V)
     flat = completions.reshape(B * N, Tc)  # (B*N, Tc)
     logits = prompt_logits[:, -1:].repeat_interleave(N, 0)  # (B*N, 1, V) predicts token 0
     if Tc > 1:
-        cache = KVCache(prompt_kv, N, capacity=prompts.shape[1] + Tc - 1)
+        cache = model.kv_cache(prompt_kv, N, capacity=prompts.shape[1] + Tc - 1)
         rest, _ = model(flat[:, :-1], cache)  # (B*N, Tc-1, V)
         logits = torch.cat([logits, rest], dim=1)  # (B*N, Tc, V)
     token_logprob = logits.log_softmax(-1).gather(-1, flat[..., None])[..., 0]  # (B*N, Tc)
@@ -375,8 +358,7 @@ def eval_ks(N):
 
 
 def final_ks(args, ks):
-    """The ks of the final evaluations (the warm start's and each method's, the ones compared): up to --eval-samples
-    samples per prompt (or the next power of two), for a precise pass@1 and pass@k at large k; max(ks) if more."""
+    """The ks of the final evaluations (compared): up to max(--eval-samples, max(ks)), or the next power of two."""
     return eval_ks(max(args.eval_samples, max(ks)))
 
 
@@ -438,6 +420,12 @@ def rl_loss(model, task, problems, method, N, generator, device, expected=False)
     return loss, {"reward": rewards.mean().item(), "no_signal": 1 - has_signal.float().mean().item()}
 
 
+def average_gradients(model):
+    """torchrun: each gradient, its mean over the processes (each holds whole groups: advantages need no exchange)."""
+    for parameter in model.parameters() if WORLD > 1 else []:
+        torch.distributed.all_reduce(parameter.grad.div_(WORLD))
+
+
 def warm_start(model, task, args, device):
     """Supervised fine-tuning on reference completions (BFS shortest paths, true answers): RL starts at p > 0.
     Always on fresh problems, as pretraining is: --train-pool fixes only what RL trains on."""
@@ -448,6 +436,7 @@ def warm_start(model, task, args, device):
         loss = supervised_loss(model, task, problems, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model)  # torchrun: over the processes
         optimizer.step()
 
 
@@ -483,8 +472,9 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
         loss, stats = ((supervised_loss(model, task, problems, device), {}) if method == "ml"  # rollouts, rewards,
                        else rl_loss(model, task, problems, method, args.N, generator, device,  # the loss
                                     expected=args.expected_gradient))
-        optimizer.zero_grad(set_to_none=True)  # backward and update
+        optimizer.zero_grad(set_to_none=True)  # backward (torchrun: averaged over the processes) and update
         loss.backward()
+        average_gradients(model)
         stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # not clipped
         optimizer.step()
         log["window"].append(stats)
@@ -502,35 +492,41 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. The main command: one warm start, every method from it; then the table, each method
-#    against maxrl on the same held-out prompts, results.json.
+# 6. The main command: one warm start, every method from it; the table, each against maxrl, results.json.
 
 def shared_start(model, task, args, device, ks, keeper=None):
     """The warm start every method trains from and its held-out metrics (the keeper's: both cached on disk)."""
     started, ks = time.time(), final_ks(args, ks)
     (keeper.warm_start if keeper else warm_start)(model, task, args, device)
-    evaluation = (keeper.evaluate_start if keeper else evaluate)(model, task, ks, seed=args.seed + 1)
-    initial, per_prompt_p, successes, _ = evaluation
+    initial, per_prompt_p, successes, _ = (keeper.evaluate_start if keeper else evaluate)(model, task, ks, args.seed+1)
     print(f"held-out pass rate after warm start: mean {per_prompt_p.mean():.3f}; "
           f"{np.mean(np.array(successes) == 0):.0%} of prompts unsolved in {max(ks)} samples")
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "initial": initial,
             "per_prompt_p": per_prompt_p, "successes": successes, "warm_start_s": time.time() - started}
 
 
+def bootstrap(per_run, resamples=2000, seed=0):
+    """Per-prompt values [(P, ...) per run] -> the mean over runs of each run's mean over prompts, and `resamples`
+    copies of it, prompts drawn with replacement in each run: the same draws whatever the values (so, paired)."""
+    rng, copies = np.random.default_rng(seed), []
+    for values in per_run:
+        draws = rng.integers(0, len(values), (resamples, len(values)))  # (R, P) prompt indices
+        weights = np.stack([np.bincount(row, minlength=len(values)) for row in draws]) / len(values)  # (R, P)
+        copies.append((weights @ values.reshape(len(values), -1)).reshape(resamples, *values.shape[1:]))
+    return np.mean([values.mean(0) for values in per_run], 0), np.mean(copies, 0)
+
+
 def mean_interval(per_run, resamples=2000, seed=0):
-    """[mean, low, high]: the mean over runs of each run's mean over prompts (per_run: [(P,) values]), and its 95%
-    bootstrap interval, prompts resampled within each run; the same resamples whatever the values, so that
-    differences of two methods on the same prompts are paired."""
-    rng = np.random.default_rng(seed)
-    boots = [values[rng.integers(0, len(values), (resamples, len(values)))].mean(1) for values in per_run]  # (R,) each
-    return [float(np.mean([v.mean() for v in per_run])), *np.percentile(np.mean(boots, 0), [2.5, 97.5]).tolist()]
+    """[mean, low, high]: bootstrap's mean of per-prompt values (per_run: [(P,) per run]) and its 95% interval."""
+    mean, copies = bootstrap(per_run, resamples, seed)
+    return [float(mean), *np.percentile(copies, [2.5, 97.5]).tolist()]
 
 
 def paired_differences(runs, n, ks, reference="maxrl", resamples=2000, seed=0):
     """{name: {metric: [mean, low, high]}}: metric(reference) - metric(name) on the same held-out prompts, pass@k
     (unbiased, from n samples) and coverage; runs: [{name: success count per prompt}], pooled by mean_interval."""
     per_prompt = lambda c: {**{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, "coverage": (c > 0) * 1.0}  # (P,) each
-    tables = [{name: per_prompt(np.asarray(c, dtype=np.float64)) for name, c in successes.items()} for successes in runs]
+    tables = [{name: per_prompt(np.asarray(c, dtype=np.float64)) for name, c in run.items()} for run in runs]
     return {name: {metric: mean_interval([t[reference][metric] - t[name][metric] for t in tables], resamples, seed)
                    for metric in tables[0][name]} for name in runs[0] if name != reference}
 
@@ -547,9 +543,16 @@ def flag_record(args):
             for k, v in vars(args).items() if k not in ("task_obj", "out")} | {"rank": RANK, "world": WORLD}
 
 
+def success_table(summary):
+    """{"start", each method evaluated: success count per held-out prompt} of results.json; the reference (maxrl)."""
+    successes = {"start": summary["initial_per_prompt_successes"]} | {
+        name: r["per_prompt_successes"] for name, r in summary["methods"].items() if r["per_prompt_successes"]}
+    return successes, "maxrl" if "maxrl" in successes else list(successes)[-1]
+
+
 def report(args, task, model_cfg, device, start, results, ks):
     """Print the table, a few failures, each method against maxrl on the same held-out prompts (from the
-    final evaluations' n samples each); write results.json and analysis.json (that comparison). Returns the summary."""
+    final evaluations' n samples each); write all of it to results.json. Returns the summary."""
     n = max(final_ks(args, ks))
     columns = [f"pass@{k}" for k in sorted({*ks, n})] + ["coverage"]
     print(f"\n{'method':>13} " + " ".join(f"{c:>9}" for c in columns) + f" {'wall s':>8}")
@@ -562,19 +565,16 @@ def report(args, task, model_cfg, device, start, results, ks):
         "pass@k_estimator": "exact, 1-(1-p)^k" if task.unique_answers else f"unbiased, n={n}"}
     summary = {"task": args.task, "N": args.N, "seed": args.seed, "config": config,
                "interrupted": len(results) < len(args.methods) or any(r["interrupted"] for r in results.values()),
-               "initial": start["initial"],
                "initial_pass_rate_quartiles": np.percentile(start["per_prompt_p"], [25, 50, 75]).tolist(),
-               "initial_per_prompt_successes": start["successes"], "samples_per_prompt": n,
+               "initial": start["initial"], "initial_per_prompt_successes": start["successes"], "samples_per_prompt": n,
                "warm_start_wall_s": start["warm_start_s"], "methods": results}
-    successes = {"start": start["successes"]} | {
-        m: r["per_prompt_successes"] for m, r in results.items() if r["per_prompt_successes"]}  # --steps=0: none
-    reference = "maxrl" if "maxrl" in successes else list(successes)[-1]
+    successes, reference = success_table(summary)
     paired = paired_differences([successes], n, sorted({1, max(ks), n}), reference)
     print_paired(paired, reference, f"on the same {len(task.test_problems)} held-out prompts (from {n} samples each)")
+    summary |= {"reference": reference, "paired": paired}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    (args.out / "analysis.json").write_text(json.dumps({"reference": reference, "paired": paired}, indent=1))
-    print(f"wrote {args.out}/results.json, analysis.json"
+    print(f"wrote {args.out}/results.json"
           + (f" (interrupted: continue with --resume --out={args.out})" if summary["interrupted"] else ""))
     return summary
 
@@ -702,6 +702,7 @@ def estimator_problem(name, N):
 
 if __name__ == "__main__":  # the command line (flags, checks, experiments) is notebooks/command_line.py
     import sys
+    sys.modules["maxrl"] = sys.modules[__name__]  # its `import maxrl` is this module, not a second copy of the file
     sys.path.append(str(Path(__file__).resolve().parent / "notebooks"))
-    import command_line
+    import command_line  # the one import that points up: the script hands over to the command line
     command_line.main()

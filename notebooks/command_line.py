@@ -167,7 +167,8 @@ def add_model_output_and_sweep_flags(parser):
                             "trained on their exact expected gradient (maxrl at N = T + 1)")
     group.add_argument("--T", type=POSITIVE, default=4,
                        help="order: the order of maxrl@T at every --Ns; variance: the order compared")
-    group.add_argument("--seeds", type=POSITIVE, default=3, help="sweeps and data: seeds SEED..SEED+SEEDS-1, each from its own start")
+    group.add_argument("--seeds", type=POSITIVE, default=3,
+                       help="sweeps and data: seeds SEED..SEED+SEEDS-1, each from its own start")
     group.add_argument("--paper-size", action="store_true",
                        help="scaling: the paper's maze setting (17x17, 3M parameters, N up to 128; a GPU)")
 
@@ -297,9 +298,7 @@ def run(args):
         if summary and not summary["interrupted"]:
             (args.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete
         if summary:
-            experiments.report_test_time_scaling(summary, args)
-        if summary and hasattr(args.task_obj, "path_length"):
-            experiments.report_by_path_length(summary, args)
+            experiments.analyse_run(summary, args)
         if summary and hasattr(args.task_obj, "path_length") and keeper.run:  # keeper.run holds the warm start
             experiments.walks_figure(model, keeper.trained_weights(), args.task_obj, summary, args.out)
             print(f"wrote {args.out}/walks.png")

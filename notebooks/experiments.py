@@ -8,12 +8,13 @@ transformer: what maxrl.py's lesson does not need. Run them from the project roo
                                                   (--single-token: one-token answers; --optimizer=sgd)
     python maxrl.py --experiment=order            higher order T, or more rollouts N?
     python maxrl.py --experiment=variance         gradient variance at equal order
-    python maxrl.py --experiment=scaling          -log pass@k against N on mazes
+    python maxrl.py --experiment=scaling          -log pass@k against N on mazes (compute)
+    python maxrl.py --experiment=data             a fixed pool of training mazes, many epochs (data)
     python maxrl.py --bench [--profile]           the cached, shared-prefix paths against naive ones
 Each writes JSON and a PNG to --out (bench prints). The tests and notebook 02 import the checks.
-After the main command, report_test_time_scaling prints maxrl's test-time scaling efficiency
-against each method (scaling_factors) and draws curves.png, pass_at_k.png and pareto.png, and on
-mazes report_by_path_length prints pass@k by shortest-path length. python notebooks/experiments.py
+After the main command, analyse_run prints maxrl's test-time scaling efficiency against each
+method (scaling_factors) and, on mazes, pass@k by shortest-path length; it writes analysis.json
+and draws curves.png, pass_at_k.png and pareto.png. python notebooks/experiments.py
 [--out=DIR] DIR1/results.json DIR2/results.json ... pools runs (pool_runs): the paired comparison
 (maxrl.paired_differences), the factors at the largest k and at smaller ones, each one's pass@1
 and pass@n with intervals; the pooled figures go to --out (default runs/pooled).
@@ -480,7 +481,8 @@ def scaling_experiment(args):
     data["paired"] = scaling_comparisons(args, initial, results, n, shown, reference)
     fig, axes = new_figure(1, len(shown), figsize=(12, 4))
     for ax, k in zip(axes, shown):
-        ax.axhline(-np.log(max(np.mean([m[f"pass@{k}"] for m in initial]), 1e-4)), color="k", ls=":", label="warm start")
+        start = np.mean([m[f"pass@{k}"] for m in initial])
+        ax.axhline(-np.log(max(start, 1e-4)), color="k", ls=":", label="warm start")
         for method in args.methods:
             per_seed = [[r["final"][f"pass@{k}"] for r in results[run_label(method, N)]] for N in args.Ns]
             band(ax, args.Ns, -np.log(np.maximum(per_seed, 1e-4)).T, marker="o", label=method)  # (seeds, Ns)
@@ -507,11 +509,12 @@ def scaling_comparisons(args, initial, results, n, ks, reference):
         tables["reference minus each"][N] = maxrl.paired_differences(runs, n, ks, reference)
         tables["each minus the warm start"][N] = {m: maxrl.paired_differences(runs, n, ks, m)["start"]
                                                   for m in args.methods}
-    gain = lambda method, seed, k: per_prompt(successes(method, high)[seed], k) - per_prompt(successes(method, low)[seed], k)
-    tables[gain_title][f"{low}->{high}"] = {method: {f"pass@{k}": maxrl.mean_interval(
+    gain = lambda method, seed, k: (per_prompt(successes(method, high)[seed], k)
+                                    - per_prompt(successes(method, low)[seed], k))  # (P,)
+    tables[gain_title] = {f"{low}->{high}": {method: {f"pass@{k}": maxrl.mean_interval(
         [gain(reference, seed, k) - gain(method, seed, k) for seed in range(len(initial))]) for k in ks}
-        for method in args.methods if method != reference}
-    for title, table in tables.items():
+        for method in args.methods if method != reference}} if low < high else {}  # one N: no gain
+    for title, table in [(title, table) for title, table in tables.items() if table]:
         print(f"\n{title.replace('reference', reference)} (mean, 95% paired bootstrap interval, {len(initial)} seeds):")
         for N, rows in table.items():
             for name, row in rows.items():
@@ -529,7 +532,8 @@ def data_comparisons(points, epochs, n, held_out, reference):
     for method in [m for m in points if m != reference]:
         peak = 1 + int(np.argmax(np.mean([[held_out(c, 1) for c in seed[1:]] for seed in points[method]], 0)))
         for title, at in [("at the end", -1), ("at its peak", peak)]:
-            runs = [{reference: ours[at], method: theirs[at]} for ours, theirs in zip(points[reference], points[method])]
+            runs = [{reference: ours[at], method: theirs[at]}
+                    for ours, theirs in zip(points[reference], points[method])]
             tables[title][method] = {"epoch": epochs[at],
                                      **maxrl.paired_differences(runs, n, [1, n], reference)[method]}
     for title, table in tables.items():
@@ -583,14 +587,6 @@ def data_experiment(args):
 # After the main command: each method against maxrl on the same held-out prompts, with a
 # bootstrap interval, and on which prompts (by shortest-path length, for mazes) it happens.
 
-def run_successes(summary):
-    """From a main command's results.json: {"start" and each method: per-prompt success counts},
-    the reference (maxrl if it ran) and the samples per prompt."""
-    successes = {"start": summary["initial_per_prompt_successes"]} | {
-        name: r["per_prompt_successes"] for name, r in summary["methods"].items() if r.get("per_prompt_successes")}
-    return successes, "maxrl" if "maxrl" in successes else list(successes)[-1], summary["samples_per_prompt"]
-
-
 def samples_to_reach(curve, target):
     """The k at which an increasing curve pass@1..pass@K first reaches target, interpolated
     linearly in log k between the integers around it; 1 if pass@1 already does. curve (K,)."""
@@ -609,20 +605,15 @@ def scaling_factor(ours, theirs):
     return K / samples_to_reach(ours, theirs[-1]) if ours[-1] >= theirs[-1] else samples_to_reach(theirs, ours[-1]) / K
 
 
-def bootstrap_curves(runs, n, resamples=1000, seed=0):
-    """The pass@k curves (k = 1..n, unbiased from n samples per prompt) of each name, averaged over
-    prompts and over runs (runs: one {name: per-prompt success counts} per run, the same prompts for
-    every name), and `resamples` bootstrap copies of them: prompts resampled within each run, the same
-    resample for every name (paired). Returns {name: (n,)} and {name: (resamples, n)}."""
-    rng, curves, boots = np.random.default_rng(seed), {}, {}
-    for successes in runs:
-        n_prompts = len(next(iter(successes.values())))
-        weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), resamples) / n_prompts  # (R, P)
-        for name, counts in successes.items():
-            per_prompt = 1 - maxrl.all_fail_fractions(n, np.asarray(counts, dtype=np.float64), n)[:, 1:]  # (P, n)
-            curves.setdefault(name, []).append(per_prompt.mean(0))
-            boots.setdefault(name, []).append(weights @ per_prompt)  # (R, n)
-    return {name: np.mean(c, 0) for name, c in curves.items()}, {name: np.mean(b, 0) for name, b in boots.items()}
+def bootstrap_curves(runs, n, resamples=2000, seed=0):
+    """The pass@k curves (k = 1..n, unbiased from n samples per prompt) of each name, averaged over prompts and
+    over runs (runs: one {name: per-prompt success counts} per run, the same prompts for every name), and
+    `resamples` bootstrap copies of them (maxrl.bootstrap: the same draws for every name, paired).
+    Returns {name: (n,)} and {name: (resamples, n)}."""
+    per_prompt = lambda c: 1 - maxrl.all_fail_fractions(n, np.asarray(c, dtype=np.float64), n)[:, 1:]  # (P, n)
+    curves = {name: maxrl.bootstrap([per_prompt(successes[name]) for successes in runs], resamples, seed)
+              for name in runs[0]}
+    return {name: curve for name, (curve, _) in curves.items()}, {name: copies for name, (_, copies) in curves.items()}
 
 
 def scaling_factors(curves, boots, reference="maxrl", at=None):
@@ -730,17 +721,19 @@ def test_time_scaling(runs, reference, n, out, pooled=""):
     return curves, boots, factors
 
 
-def report_test_time_scaling(summary, args):
-    """After the main command: maxrl's test-time scaling efficiency against each (printed, and added to
-    --out/analysis.json with pass@1 and pass@n intervals); curves.png, pass_at_k.png, pareto.png."""
-    successes, reference, n = run_successes(summary)
+def analyse_run(summary, args):
+    """After the main command: maxrl's test-time scaling factors against each, pass@1 and pass@n with intervals and,
+    on mazes, pass@n by path length (printed; with the paired comparison, --out/analysis.json); the figures."""
+    successes, reference = maxrl.success_table(summary)
+    n = summary["samples_per_prompt"]
     curves, boots, factors = test_time_scaling([successes], reference, n, args.out)
-    analysis = json.loads((args.out / "analysis.json").read_text())
-    analysis |= {"scaling_factors": factors, "pass@1": with_intervals(curves, boots, 1),
-                 f"pass@{n}": with_intervals(curves, boots, n)}
-    (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    analysis = {"reference": reference, "paired": summary["paired"], "scaling_factors": factors,
+                "pass@1": with_intervals(curves, boots, 1), f"pass@{n}": with_intervals(curves, boots, n)}
     curves_figure([summary], args.out)
-    print(f"wrote {args.out}/curves.png, pass_at_k.png, pareto.png")
+    if hasattr(args.task_obj, "path_length"):
+        analysis |= by_path_length_report(summary, successes, args.task_obj)
+    (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    print(f"wrote {args.out}/analysis.json, curves.png, pass_at_k.png, pareto.png")
 
 
 def length_bins(lengths):
@@ -770,12 +763,11 @@ def pass_rate_histogram(successes, lengths, n):
             for row, mask in rows.items()}
 
 
-def report_by_path_length(summary, args):
+def by_path_length_report(summary, successes, task):
     """After the main command on mazes: print pass@n by shortest-path length and the warm start's
-    pass-rate histogram, and add both to --out/analysis.json."""
-    successes, _, n = run_successes(summary)
-    lengths = [args.task_obj.path_length(problem) for problem in args.task_obj.test_problems]
-    analysis = json.loads((args.out / "analysis.json").read_text())
+    pass-rate histogram; returns both, for analysis.json."""
+    n, analysis = summary["samples_per_prompt"], {}
+    lengths = [task.path_length(problem) for problem in task.test_problems]
     analysis["by_path_length"] = by_path_length(successes, lengths, n, n)
     analysis["start_pass_rate_histogram"] = pass_rate_histogram(successes["start"], lengths, n)
     print(f"\npass@{n} by shortest-path length, moves (mazes: "
@@ -790,7 +782,7 @@ def report_by_path_length(summary, args):
     print(f"\nwarm start: held-out mazes by successes out of {n}, by path length")
     for row, classes in analysis["start_pass_rate_histogram"].items():
         print(f"{row:>13} " + " ".join(f"{label}: {count:<4}" for label, count in classes.items()))
-    (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    return analysis
 
 
 def walk_squares(start, moves):
@@ -876,13 +868,21 @@ def print_profile(name, fn, device, rows=12):
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
+def with_plain_cache(model, fn):
+    """fn, run with the lesson's KV cache (each prompt's keys copied into its rows) in place of the keeper's."""
+    def run():
+        model.kv_cache = maxrl.KVCache
+        fn()
+        model.kv_cache = plumbing.SharedPrefixCache
+    return run
+
+
 def benchmark(args, repeats=3):
-    """--bench: the cached, shared-prefix paths against naive ones, in the same run. Sampling:
-    KV cache with each prompt prefilled once (the decoder the command line picks: on a CPU the
-    rows that ended leave the batch; and the lesson's, which computes every row to the end) vs
-    recomputing every sequence at every step.
-    Training step (forward + backward of the policy-gradient loss): shared-prefix vs
-    full-sequence forward. The model is freshly initialised (no warm start; its completions
+    """--bench: the cached, shared-prefix paths against naive ones, in the same run. Sampling: the KV cache with each
+    prompt's keys stored once for its rows (the command line's decoder: on a CPU ended rows leave the batch; the
+    lesson's decoder, every row to the end; that one with the lesson's cache, the prompt copied into each row) vs
+    recomputing every sequence at every step. Training step (forward + backward): shared prefix (and the lesson's
+    cache) vs full sequences. The model is freshly initialised (no warm start; its completions
     are random, about 15 tokens on nav): this measures the cost of each path, not of a policy."""
     task = args.task_obj
     model, _, device = maxrl.build_model(args, task)
@@ -907,8 +907,10 @@ def benchmark(args, repeats=3):
     n_tokens = lengths.sum().item()
     paths = {"sampling, no cache": lambda: sample(plumbing.CompactingDecoder(model, recompute=True)),
              "sampling, cached": sample, "sampling, cached, masked": lambda: sample(lesson_decoder),
+             "sampling, lesson's cache, masked": with_plain_cache(model, lambda: sample(lesson_decoder)),
              "train step, full sequences": lambda: train_step(full_sequence_logprobs),
-             "train step, shared prefix": lambda: train_step(maxrl.completion_logprobs)}
+             "train step, shared prefix": lambda: train_step(maxrl.completion_logprobs),
+             "train step, lesson's cache": with_plain_cache(model, lambda: train_step(maxrl.completion_logprobs))}
     seconds = {name: median_seconds(fn, device, repeats) for name, fn in paths.items()}
     if args.profile:
         for name, fn in paths.items():
@@ -916,7 +918,7 @@ def benchmark(args, repeats=3):
     print(f"{args.batch} prompts x N={args.N} completions of {lengths.float().mean():.1f} tokens, "
           f"prompt {task.prompt_len} tokens; median of {repeats} repeats")
     for name, sec in seconds.items():
-        print(f"  {name:<28} {sec * 1e3:9.1f} ms   {n_tokens / sec:12,.0f} completion tokens/s")
+        print(f"  {name:<32} {sec * 1e3:9.1f} ms   {n_tokens / sec:12,.0f} completion tokens/s")
     sampling = seconds["sampling, no cache"] / seconds["sampling, cached"]
     training = seconds["train step, full sequences"] / seconds["train step, shared prefix"]
     print(f"bench: sampling {sampling:.1f}x, training {training:.1f}x")
@@ -932,11 +934,11 @@ def pool_runs(paths, out):
     """Pool main-command runs (results.json of the same flags, other seeds): print the paired comparison and
     the scaling factors pooled over them, each name's pass@1 and pass@n with intervals; out: the figures."""
     summaries = [json.loads(Path(path).read_text()) for path in paths]
-    runs = [run_successes(summary) for summary in summaries]
-    (_, reference, n), ns = runs[0], {n for _, _, n in runs}
+    runs = [maxrl.success_table(summary) for summary in summaries]
+    (_, reference), ns = runs[0], {summary["samples_per_prompt"] for summary in summaries}
     if len(ns) > 1:
         sys.exit(f"error: the runs have different samples per prompt ({sorted(ns)}): pool runs with the same flags")
-    pooled, N = [successes for successes, _, _ in runs], summaries[0]["N"]
+    pooled, N, n = [successes for successes, _ in runs], summaries[0]["N"], ns.pop()
     table = maxrl.paired_differences(pooled, n, sorted({1, max(maxrl.eval_ks(N)), n}), reference)
     maxrl.print_paired(table, reference, f"pooled over {len(runs)} runs (the mean of the runs' means; the interval "
                        "resamples prompts within each run)")

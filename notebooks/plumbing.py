@@ -10,6 +10,7 @@ resumed runs end with identical results.json).
 import ctypes
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -94,22 +95,6 @@ def save_atomic(state, path):
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def average_gradients_over_processes(model):
-    """torchrun: once a backward has made every gradient, each is averaged over the processes,
-    in parameter order (what DistributedDataParallel does, unbucketed). Each process holds whole
-    groups, so advantages need no communication."""
-    parameters, ready = list(model.parameters()), []
-
-    def on_gradient(parameter):
-        ready.append(parameter)
-        if len(ready) == len(parameters):  # the backward is done with every parameter
-            for p in parameters:
-                dist.all_reduce(p.grad.div_(dist.get_world_size()))
-            ready.clear()
-    for parameter in parameters:
-        parameter.register_post_accumulate_grad_hook(on_gradient)
-
-
 @torch.no_grad()
 def reference_route(model, task, batch=64):
     """Teacher forcing on each held-out prompt's reference completion (mazes: the shortest route, what the
@@ -135,12 +120,13 @@ def reference_route(model, task, batch=64):
 
 class RunKeeper:
     """The `keeper` of maxrl.compare_methods and train_method, for python maxrl.py and the
-    experiments: prepare sets the model up (the decoder, the GPU options, torchrun) and returns
+    experiments: prepare sets the model up (its KV cache and decoder, the GPU options) and returns
     the run to continue (--resume); warm_start is cached in --cache-dir; with checkpoints (the
     main command), save and after_step write --out/checkpoint.pt and restore reads it back.
-    The decoder: CUDAGraphs with --cuda-graphs; on a CPU the CompactingDecoder (rows that ended
-    leave the batch); else the lesson's (every row every step). Tests pick decoders directly,
-    through sample_completions' decoder argument."""
+    The KV cache: SharedPrefixCache (each prompt's keys stored once). The decoder: CUDAGraphs with
+    --cuda-graphs; on a CPU the CompactingDecoder (rows that ended leave the batch); else the
+    lesson's (every row every step). Tests pick them directly: model.kv_cache, and
+    sample_completions' decoder argument."""
 
     def __init__(self, args, checkpoints=False):
         self.args, self.checkpoint = args, args.out / "checkpoint.pt" if checkpoints else None
@@ -153,12 +139,11 @@ class RunKeeper:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls
         if self.args.compile:
             model.compile(dynamic=True)  # sequence lengths vary from call to call
+        model.kv_cache = SharedPrefixCache  # sampling on a GPU without graphs, and every training step
         if self.args.cuda_graphs:
             model.decoder = CUDAGraphs(model).decoder
         elif device.type == "cpu":
             model.decoder = CompactingDecoder(model)
-        if maxrl.WORLD > 1:
-            average_gradients_over_processes(model)
         if not self.args.resume:
             return None
         saved = load_checkpoint(self.checkpoint)
@@ -230,8 +215,42 @@ class RunKeeper:
         return stop
 
 
-class CompactingCache(maxrl.KVCache):
-    """A KVCache that holds only some of the R rows, `rows` (in order): the others have left the batch.
+class SharedPrefixCache:
+    """The lesson's KVCache (the same interface and results) with each prompt's keys and values stored once for
+    its n rows, not copied into each (cascade attention): a row's scores over its prompt's keys are computed
+    per prompt group, beside those over its own keys, under one softmax. The command line's (RunKeeper.prepare)."""
+
+    def __init__(self, prompt_kv, n, capacity):
+        B, H, P, D = prompt_kv[0][0].shape
+        self.prompt_kv, self.n, self.length = prompt_kv, n, P
+        self.keys = [k.new_empty(B * n, H, capacity - P, D) for k, _ in prompt_kv]  # each row's own, after the prompt
+        self.values = [v.new_empty(B * n, H, capacity - P, D) for _, v in prompt_kv]
+
+    def group(self, x):  # (R, ...) -> (B, n, ...): each prompt's rows together
+        return x.view(-1, self.n, *x.shape[1:])
+
+    def ungroup(self, x):  # (B, n, ...) -> (R, ...)
+        return x.flatten(0, 1)
+
+    def attend(self, layer, q, k, v):  # (R, H, T, D) each, for T new tokens -> attention output (R, H, T, D)
+        prompt_k, prompt_v = self.prompt_kv[layer]  # (B, H, P, D)
+        P, T, D = prompt_k.shape[2], q.shape[2], q.shape[3]
+        start, end = self.length - P, self.length - P + T  # the new tokens' place among each row's own
+        self.keys[layer][:, :, start:end], self.values[layer][:, :, start:end] = k, v
+        own_k, own_v = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (R, H, end, D)
+        q = q / math.sqrt(D)
+        prompt_scores = self.ungroup(torch.einsum("bjhtd,bhpd->bjhtp", self.group(q), prompt_k))  # (R, H, T, P)
+        own_scores = q @ own_k.transpose(-1, -2)  # (R, H, T, end)
+        if T > 1:  # new token i sees all of the prompt, and of its row's own tokens those up to itself
+            future = torch.ones(T, end, dtype=torch.bool, device=q.device).triu(start + 1)  # (T, end)
+            own_scores = own_scores.masked_fill(future, float("-inf"))
+        weights = torch.cat([prompt_scores, own_scores], -1).softmax(-1)  # (R, H, T, P+end): one softmax over both
+        from_prompt = torch.einsum("bjhtp,bhpd->bjhtd", self.group(weights[..., :P]), prompt_v)  # (B, n, H, T, D)
+        return self.ungroup(from_prompt) + weights[..., P:] @ own_v
+
+
+class CompactingCache(SharedPrefixCache):
+    """A SharedPrefixCache that holds only some of the R rows, `rows` (in order): the others have left the batch.
     Grouping by prompt puts the rows still held in their places among all R (zeros where rows left), so
     that each prompt's keys and values stay shared; the rows that left cost only that share."""
 
@@ -298,7 +317,7 @@ class CUDAGraphs:
 
     At this size a GPU spends a decoding step launching ~100 tiny kernels from Python, not
     computing. A CUDA graph records one step's kernels once and replays them with one launch.
-    A graph fixes every shape and address, so each (rows, prompt length, capacity) gets its
+    A graph fixes every shape and address, so each (prompts, n, prompt length, capacity) gets its
     own KV cache and input buffer, and within it one graph per position: the step at position
     P + t attends to the same P + t + 1 keys as the plain step, so a replay computes what
     model(token, cache) computes, bit for bit (a GPU test checks). Graphs read the weights
@@ -306,20 +325,20 @@ class CUDAGraphs:
     keeps its cache for the whole run: a few GB over --paper-size's sweep of N."""
 
     def __init__(self, model):
-        self.model, self.pool = model, torch.cuda.graph_pool_handle()  # graphs share one pool
-        self.buffers = {}  # (rows, P, capacity) -> cache, token buffer, {position: (graph, logits)}
+        self.model, self.pool = model, None  # the graphs' shared memory pool, made at the first recording
+        self.buffers = {}  # (B, n, P, capacity) -> cache, token buffer, {position: (graph, logits)}
 
     def decoder(self, prompts, n, capacity):  # as Transformer.decoder; one in use per shape
         logits, prompt_kv = self.model(prompts)
         rows, prompt_len = prompts.shape[0] * n, prompts.shape[1]
-        key = (rows, prompt_len, capacity)
+        key = (prompts.shape[0], n, prompt_len, capacity)  # (B, n), not only rows = B*n: the cache groups by prompt
         if key in self.buffers:  # the graphs read the prompt's keys and values where the first call left them
             for buffers, new in zip(self.buffers[key][0].prompt_kv, prompt_kv):
                 buffers[0].copy_(new[0])
                 buffers[1].copy_(new[1])
         else:
             token = torch.zeros(rows, 1, dtype=torch.long, device=prompts.device)
-            self.buffers[key] = maxrl.KVCache(prompt_kv, n, capacity), token, {}
+            self.buffers[key] = SharedPrefixCache(prompt_kv, n, capacity), token, {}
         cache, token_buffer, graphs = self.buffers[key]
         cache.length = prompt_len
 
@@ -334,7 +353,8 @@ class CUDAGraphs:
             return logits
         return logits[:, -1].repeat_interleave(n, 0), step
 
-    def record(self, cache, token_buffer):
+    def record(self, cache, token_buffer):  # -> a graph whose replay() computes this step into `logits`, and logits
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
         position, side = cache.length, torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # one plain run first, as recording requires
