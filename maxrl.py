@@ -276,11 +276,9 @@ def build_model(args, task):
 #    positions >= length are padding (after the stop token or the token that decided the reward).
 
 def sample_token(logits, race):  # (R, V), (R, V) -> (R, 1)
-    """torch.multinomial(logits.softmax(-1), 1) without its host-side check of p (a GPU would wait): the same
-    argmax p / q over race = q ~ Exp(1) per token (a Gumbel-max trick); same draws, same tokens (tested)."""
-    probs = logits.softmax(-1)  # (R, V)
-    torch._assert_async(probs.isfinite().all(), "sampling from non-finite logits: did training diverge?")
-    return (probs / race).argmax(-1, keepdim=True)
+    """A draw from softmax(logits) (temperature 1) per row: with q ~ Exp(1) per token (race), argmax p / q is token
+    v with probability p_v, what torch.multinomial(p, 1) draws from the same random numbers (tested)."""
+    return (logits.softmax(-1) / race).argmax(-1, keepdim=True)
 
 
 @torch.no_grad()  # not inference_mode: the sampled tokens go on into the training forward
@@ -476,6 +474,8 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
         loss.backward()
         average_gradients(model)
         stats["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # not clipped
+        if not math.isfinite(stats["grad_norm"]):
+            raise RuntimeError("non-finite gradient: did training diverge?")
         optimizer.step()
         log["window"].append(stats)
         if step % args.eval_every == 0 and step < args.steps:  # evaluate (--curve-prompts: fewer, more samples)

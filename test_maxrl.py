@@ -620,8 +620,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sample_token_draws_what_multinomial_draws(device):
-    """sample_token is torch.multinomial(p, 1) minus its host-side check: the same tokens from
-    the same generator's Exp(1) draws, which leave it in the same state (the next draws agree too)."""
+    """sample_token draws what torch.multinomial(p, 1) draws: the same tokens from the same generator's Exp(1)
+    draws, which leave it in the same state (the next draws agree too)."""
     logits = (torch.randn(64, 12, generator=torch.Generator().manual_seed(0)) * 3).to(device)  # (R, V)
     ours, theirs = (torch.Generator(device).manual_seed(1) for _ in range(2))
     for _ in range(20):
@@ -629,9 +629,6 @@ def test_sample_token_draws_what_multinomial_draws(device):
         race = torch.empty_like(logits).exponential_(generator=ours)
         assert torch.equal(maxrl.sample_token(logits, race), expected)
     assert torch.equal(ours.get_state(), theirs.get_state())
-    if device == "cpu":  # on a GPU the check is a device-side assert, fatal to the process
-        with pytest.raises(RuntimeError, match="non-finite"):
-            maxrl.sample_token(torch.full_like(logits, float("nan")), race)
 
 
 def decode_along(model, prompts, completions, decoder=None):
@@ -1158,8 +1155,8 @@ def test_the_warm_starts_unsolved_share_counts_prompts_without_a_success(tmp_pat
 
 
 def test_training_that_diverges_ends_with_one_line_not_a_traceback(tmp_path):
-    """A learning rate that makes the weights non-finite stops the run at its next sampling
-    with one line on stderr (exit code 1), not a traceback."""
+    """A learning rate that makes the weights non-finite stops the run at its next step (its gradient is not
+    finite) with one line on stderr (exit code 1), not a traceback."""
     result = run_main(*TINY, "--task=arith", "--digits=1", "--methods=ml", "--N=4", "--optimizer=sgd",
                       "--lr=1e30", f"--out={tmp_path}")
     lines = result.stderr.strip().splitlines()

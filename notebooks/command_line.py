@@ -317,7 +317,7 @@ def main(argv=None):
         signal.signal(signal.SIGINT, plumbing.request_stop)
     try:
         run(args)
-    except RuntimeError as err:  # sample_token's check: the weights are no longer finite
+    except RuntimeError as err:  # train_method's check: the gradient is no longer finite
         if "non-finite" not in str(err):
             raise
         sys.stderr.write(f"error: {err} (a smaller --lr, or another --optimizer?)\n")
