@@ -170,14 +170,14 @@ class KVCache:
 
     def __init__(self, prompt_kv, n, capacity):  # prompt_kv: per layer, keys and values (B, H, P, D)
         self.length = prompt_kv[0][0].shape[2]  # the tokens so far: the prompt's P
-        room = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], capacity - self.length, x.shape[3])], 2)
+        room = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], capacity - self.length, x.shape[3])], 2)  # (B,H,cap,D)
         self.keys = [room(k).repeat_interleave(n, 0) for k, _ in prompt_kv]  # (R, H, capacity, D) each
         self.values = [room(v).repeat_interleave(n, 0) for _, v in prompt_kv]
 
     def attend(self, layer, q, k, v):  # (R, H, T, D) each, for T new tokens -> attention output (R, H, T, D)
         start, end = self.length, self.length + q.shape[2]
         self.keys[layer][:, :, start:end], self.values[layer][:, :, start:end] = k, v
-        sees = torch.ones(q.shape[2], end, dtype=torch.bool, device=q.device).tril(start)  # new token i: <= start+i
+        sees = torch.ones(q.shape[2], end, dtype=torch.bool, device=q.device).tril(start)  # (T, end): i sees <= start+i
         return F.scaled_dot_product_attention(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end],
                                               attn_mask=sees)
 
@@ -251,7 +251,7 @@ class Transformer(nn.Module):
         """Decoding n completions of each prompt (B, Tp), R = B*n rows, with a KV cache. Returns
         the first token's logits (R, V) and step(token (R, 1), alive (A,)) -> the next's (R, V).
         This one computes every row, the ended ones too (sampling does not read them); alive, the
-        rows still sampled, is for plumbing's faster decoders, which compute those alone."""
+        A rows still sampled, is for plumbing's faster decoders, which compute those alone."""
         logits, prompt_kv = self(prompts)  # (B, Tp, V)
         cache = self.kv_cache(prompt_kv, n, capacity)
         step = lambda token, alive: self(token, cache)[0][:, -1]
@@ -313,7 +313,7 @@ def sample_completions(model, prompts, n, max_len, stop_id, generator, tracker=N
 def completion_logprobs(model, prompts, completions, lengths):
     """Sum of each completion's token log-probs (with grad). (B, Tp), (B, N, Tc), (B, N) -> (B, N).
     Each prompt runs once; its N completions read its keys and values from a KV cache, where they keep
-    their graph, so the gradients are exactly those of the full sequences."""
+    their autograd graph, so the gradients are exactly those of the full sequences."""
     B, N, Tc = completions.shape
     prompt_logits, prompt_kv = model(prompts)  # (B, Tp, V)
     flat = completions.reshape(B * N, Tc)  # (B*N, Tc)
@@ -478,7 +478,7 @@ def train_method(method, model, task, args, device, initial, ks, keeper=None):
             raise RuntimeError("non-finite gradient: did training diverge?")
         optimizer.step()
         log["window"].append(stats)
-        if step % args.eval_every == 0 and step < args.steps:  # evaluate (--curve-prompts: fewer, more samples)
+        if step % args.eval_every == 0 and step < args.steps:  # evaluate (--curve-prompts: fewer prompts, more samples)
             log_evaluation(model, task, args, final_ks(args, ks) if args.curve_prompts else ks, step, log,
                            print_as, args.curve_prompts or None)
         bar.set_postfix(reward=stats.get("reward", float("nan")), test_pass1=log["curve"][-1]["pass@1"])
@@ -510,8 +510,8 @@ def bootstrap(per_run, resamples=2000, seed=0):
     copies of it, prompts drawn with replacement in each run: the same draws whatever the values (so, paired)."""
     rng, copies = np.random.default_rng(seed), []
     for values in per_run:
-        draws = rng.integers(0, len(values), (resamples, len(values)))  # (R, P) prompt indices
-        weights = np.stack([np.bincount(row, minlength=len(values)) for row in draws]) / len(values)  # (R, P)
+        draws = rng.integers(0, len(values), (resamples, len(values)))  # (resamples, P) prompt indices
+        weights = np.stack([np.bincount(row, minlength=len(values)) for row in draws]) / len(values)  # (resamples, P)
         copies.append((weights @ values.reshape(len(values), -1)).reshape(resamples, *values.shape[1:]))
     return np.mean([values.mean(0) for values in per_run], 0), np.mean(copies, 0)
 

@@ -122,7 +122,7 @@ class RunKeeper:
     """The `keeper` of maxrl.compare_methods and train_method, for python maxrl.py and the
     experiments: prepare sets the model up (its KV cache and decoder, the GPU options) and returns
     the run to continue (--resume); warm_start is cached in --cache-dir; with checkpoints (the
-    main command), save and after_step write --out/checkpoint.pt and restore reads it back.
+    main command), save and after_step write --out/checkpoint.pt, prepare reads it back, restore puts it in place.
     The KV cache: SharedPrefixCache (each prompt's keys stored once). The decoder: CUDAGraphs with
     --cuda-graphs; on a CPU the CompactingDecoder (rows that ended leave the batch); else the
     lesson's (every row every step). Tests pick them directly: model.kv_cache, and
@@ -293,7 +293,7 @@ class CompactingDecoder:
             logits, cache = prompt_logits[:, -1].repeat_interleave(n, 0), CompactingCache(prompt_kv, n, capacity)
         rows = torch.arange(len(logits), device=prompts.device)  # (R_in,) the rows in the batch
 
-        def step(token, alive):  # (R, 1), (A,) -> (R, V): the alive rows' logits, zeros elsewhere
+        def step(token, alive):  # (R, 1), (A,) -> (R, V): logits of the rows in the batch, zeros for those that left
             nonlocal rows, sequences
             if 4 * (len(rows) - len(alive)) >= len(rows):  # a quarter ended: the others go on alone
                 if cache is not None:
