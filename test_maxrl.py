@@ -1093,7 +1093,8 @@ def test_cli_smoke_run_writes_results_and_plots(tmp_path, task_flags, samples, c
         assert len(successes) == 8 and all(0 <= c <= samples for c in successes)
     analysis = json.loads((tmp_path / "analysis.json").read_text())
     others = {"start", *summary["methods"]} - {analysis["reference"]}
-    assert set(analysis["paired"]) == set(analysis["scaling_factors"]) == others
+    assert set(summary["paired"]) == set(analysis["scaling_factors"]) == others
+    assert summary["reference"] == analysis["reference"]
     assert all(low <= factor <= high for factor, low, high in analysis["scaling_factors"].values())
     assert f"minus each, on the same 8 held-out prompts (from {samples} samples each)" in result.stdout
     assert f"test-time scaling efficiency of maxrl at k = {samples}" in result.stdout

@@ -474,7 +474,7 @@ def scaling_experiment(args):
     ks = maxrl.eval_ks(max(args.Ns))
     initial, results = train_sweep(args, [(method, N) for method in args.methods for N in args.Ns], ks)
     n = max(maxrl.final_ks(args, ks))
-    shown, reference = sorted({1, min(16, n), n}), "maxrl" if "maxrl" in args.methods else args.methods[-1]
+    shown, reference = sorted({1, min(16, n), n}), reference_method(args.methods)
     data = {"config": maxrl.flag_record(args), "Ns": args.Ns, "ks": ks, "initial": initial, "runs": results}
     if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "scaling", data)
@@ -492,6 +492,11 @@ def scaling_experiment(args):
         ax.grid(alpha=0.3, which="both")
     title = f"nav {args.size}x{args.size}: {args.steps} steps x {args.batch} prompts, {n} samples per held-out maze;"
     finish_sweep_figure(fig, axes, args, "scaling", title, data)
+
+
+def reference_method(methods):
+    """The method the others are compared with: maxrl if it ran, else the last (as maxrl.success_table)."""
+    return "maxrl" if "maxrl" in methods else methods[-1]
 
 
 def scaling_comparisons(args, initial, results, n, ks, reference):
@@ -557,7 +562,7 @@ def data_experiment(args):
     data = {"config": maxrl.flag_record(args), "ks": ks, "initial": initial, "runs": results}
     if plumbing.stop_requested:
         return save_interrupted_sweep(args.out, "data", data)
-    n, reference = max(maxrl.final_ks(args, ks)), "maxrl" if "maxrl" in args.methods else args.methods[-1]
+    n, reference = max(maxrl.final_ks(args, ks)), reference_method(args.methods)
     points = {method: [[start["successes"], *[c["successes"] for c in r["curve"][1:]]]  # per seed: per point
                        for r, start in zip(results[run_label(method, args.N)], initial)] for method in args.methods}
     shown = args.curve_prompts or len(initial[0]["successes"])  # the mazes every point has
@@ -723,11 +728,11 @@ def test_time_scaling(runs, reference, n, out, pooled=""):
 
 def analyse_run(summary, args):
     """After the main command: maxrl's test-time scaling factors against each, pass@1 and pass@n with intervals and,
-    on mazes, pass@n by path length (printed; with the paired comparison, --out/analysis.json); the figures."""
+    on mazes, pass@n by path length (printed, and --out/analysis.json); the figures."""
     successes, reference = maxrl.success_table(summary)
     n = summary["samples_per_prompt"]
     curves, boots, factors = test_time_scaling([successes], reference, n, args.out)
-    analysis = {"reference": reference, "paired": summary["paired"], "scaling_factors": factors,
+    analysis = {"reference": reference, "scaling_factors": factors,  # the paired table is in results.json
                 "pass@1": with_intervals(curves, boots, 1), f"pass@{n}": with_intervals(curves, boots, n)}
     curves_figure([summary], args.out)
     if hasattr(args.task_obj, "path_length"):
@@ -871,9 +876,9 @@ def print_profile(name, fn, device, rows=12):
 def with_plain_cache(model, fn):
     """fn, run with the lesson's KV cache (each prompt's keys copied into its rows) in place of the keeper's."""
     def run():
-        model.kv_cache = maxrl.KVCache
+        keepers_cache, model.kv_cache = model.kv_cache, maxrl.KVCache
         fn()
-        model.kv_cache = plumbing.SharedPrefixCache
+        model.kv_cache = keepers_cache
     return run
 
 
